@@ -1,0 +1,53 @@
+"""Defaults every pretraining config starts from; each field is overridable on the command line
+(`--config.train.steps=100`). `jaxlm.configs.validate` checks them before anything runs."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.log_every = 10
+  c.eval_every = 200  # 0: only at the end
+
+  c.model = ml_collections.ConfigDict(dict(
+      d_model=256, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=32, mlp_dim=1024,
+      max_seq_len=256, rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=False,
+      scan_layers=True, remat='none', dtype='float32', param_dtype='float32',
+      attention_impl='xla',
+      vocab_multiple=128,  # the embedding is padded to a multiple of this for even sharding
+  ))
+
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      path='',  # an existing SentencePiece .model; empty: train one into the workdir
+      type='bpe', vocab_size=512,
+      train_docs=20_000,  # documents read to train it
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source='world',  # world | text | tfds
+      seq_len=256,
+      data_dir='',  # where TFDS builders write; empty: <workdir>/tfds
+      # The built-in synthetic world.
+      world_seed=0, num_train_docs=50_000, num_validation_docs=1_000,
+      # Local text files.
+      text_glob='', split_by='file', validation_fraction=0.05,
+      # A TFDS catalog dataset prepared as ArrayRecord (never downloaded by jaxlm).
+      tfds_name='', tfds_data_dir='', tfds_train_split='train', tfds_validation_split='validation',
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, batch_size=32, grad_accum_steps=1,
+      learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1,
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_embeddings=False, grad_clip=1.0,
+      z_loss=1e-4,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      batches=8, batch_size=32,
+      num_samples=4, prompt_tokens=16, sample_tokens=64, temperature=0.7, top_k=0, top_p=0.95,
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
+  return c

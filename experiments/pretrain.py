@@ -1,0 +1,66 @@
+r"""Pretraining: next-token prediction on the built-in world, local text or a TFDS dataset.
+
+  python -m experiments.pretrain --config=experiments/configs/tiny.py --workdir=/tmp/tiny \
+      --config.train.steps=2000
+
+Rerunning with the same workdir resumes from its latest verified checkpoint.
+"""
+
+import os
+
+import flax.linen as nn
+import jax
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from jaxlm import configs
+from jaxlm import lm
+from jaxlm import metrics
+from jaxlm import model as model_lib
+from jaxlm import sharding
+from jaxlm import trainer
+from jaxlm.data import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
+                                          'Path to a config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the tokenizer go here.',
+                               required=True)
+
+
+def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
+  configs.validate(config)
+  configs.save(config, workdir)
+  train_docs, validation_docs = pipeline.text_sources(
+      config.data, config.data.data_dir or os.path.join(workdir, 'tfds'))
+  tokenizer = lm.tokenizer_for(config, workdir, train_docs)
+  model = model_lib.Transformer(lm.model_config(config, tokenizer))
+  mesh = sharding.make_mesh(config.mesh)
+  metrics.log(f'{model.config.num_params():,} parameters; vocabulary {tokenizer.vocab_size} '
+              f'(embedding {model.config.vocab_size}); mesh {dict(mesh.shape)}.')
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    eval_batches = lm.eval_batches(validation_docs, tokenizer, config.data.seq_len,
+                                   config.eval.batch_size, config.eval.batches)
+    prompts = lm.sample_prompts(validation_docs, tokenizer, config.eval.num_samples,
+                                config.eval.prompt_tokens)
+    stage = trainer.Stage(
+        init_params=lm.init_params_fn(model, config.data.seq_len),
+        loss_fn=trainer.language_model_loss(model, config.train.z_loss),
+        train_batches=pipeline.packed_batches(
+            train_docs, tokenizer, config.data.seq_len,
+            sharding.batch_size_per_process(config.train.batch_size, mesh), seed=config.seed,
+            process_index=jax.process_index(), process_count=jax.process_count()),
+        evaluate=lm.make_evaluate(model, tokenizer, mesh, eval_batches, prompts, config.eval,
+                                  metrics.log),
+        flops_per_token=model.config.flops_per_token(config.data.seq_len),
+        tokens_per_row=config.data.seq_len)
+    return trainer.train(config, workdir, stage, mesh)
+
+
+def main(argv):
+  del argv
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,246 @@
+"""A small synthetic world whose text has checkable answers.
+
+Each pipeline stage must show what it adds (a base model continues text, SFT makes it answer,
+a reward model ranks answers, RL raises accuracy), which needs facts and skills whose answers we
+know and which a tiny model can learn in minutes on a CPU. Everything here follows from
+`WorldConfig`:
+
+- known people, each with a city, colour, pet and job stated in documents, and a secret that is
+  never stated anywhere (for refusal tests);
+- unknown people who never appear in any document (for abstention tests);
+- arithmetic on operands up to `max_operand`, each problem assigned to 'train' or 'heldout' by a
+  hash of the problem itself, so the split does not depend on how many documents are drawn.
+
+Documents and questions of each split come from their own random stream. Validation documents
+state the same facts as train documents but only held-out arithmetic; held-out fact questions
+use phrasings that train questions never use.
+"""
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+ATTRIBUTES = ('city', 'colour', 'pet', 'job')
+
+# The value sets are disjoint, and pets and jobs start with a consonant so "a {value}" reads right.
+VOCABULARY = {
+    'city': ('Carrow', 'Bellmere', 'Dunholt', 'Faywick', 'Gorran', 'Hollin', 'Kestral', 'Lunmoor',
+             'Marrowby', 'Pellith', 'Roskel', 'Tamsford'),
+    'colour': ('red', 'blue', 'green', 'yellow', 'purple', 'orange', 'white', 'black', 'grey',
+               'pink'),
+    'pet': ('cat', 'dog', 'heron', 'fox', 'goat', 'parrot', 'rabbit', 'turtle', 'hamster',
+            'lizard', 'ferret', 'pony'),
+    'job': ('baker', 'farmer', 'painter', 'teacher', 'doctor', 'sailor', 'potter', 'miner',
+            'weaver', 'tailor', 'singer', 'builder'),
+}
+
+# How documents state a fact; every sentence ends with '.' and has no other '.'.
+FACT_STATEMENTS = {
+    'city': ('{name} lives in {value}.', '{name} has a house in {value}.',
+             'The home town of {name} is {value}.', '{name} lives in the city of {value}.'),
+    'colour': ('The favourite colour of {name} is {value}.',
+               '{name} likes the colour {value} best.', '{name} loves the colour {value}.'),
+    'pet': ('The pet of {name} is a {value}.', '{name} keeps a {value} as a pet.',
+            '{name} has a pet {value}.'),
+    'job': ('{name} works as a {value}.', '{name} is a {value} by trade.',
+            '{name} earns a living as a {value}.'),
+}
+
+# Held-out phrasings never occur in train questions, so they test generalisation of the skill.
+FACT_QUESTIONS = {
+    'train': {
+        'city': ('Where does {name} live?', 'In which city does {name} live?',
+                 'What is the home town of {name}?'),
+        'colour': ('What is the favourite colour of {name}?',
+                   'Which colour does {name} like best?'),
+        'pet': ('What is the pet of {name}?', 'What kind of pet does {name} keep?'),
+        'job': ('What is the job of {name}?', 'What does {name} work as?'),
+    },
+    'heldout': {
+        'city': ('Which city is home to {name}?',),
+        'colour': ('Which colour is the favourite of {name}?',),
+        'pet': ('Which animal does {name} keep as a pet?',),
+        'job': ('What is the trade of {name}?',),
+    },
+}
+
+_CONSONANTS = 'bdfgklmnprstvz'
+_VOWELS = 'aeiou'
+_SYLLABLES = tuple(c + v for c in _CONSONANTS for v in _VOWELS)
+_SURNAME_ENDINGS = 'lnrs'
+# A first name is two syllables, a surname two syllables and an ending: every full name has the
+# same shape, so no name can occur inside another.
+_NAME_CAPACITY = len(_SYLLABLES) ** 4 * len(_SURNAME_ENDINGS)
+
+# Each random stream is seeded with (seed, index here); append only, or every world changes.
+_STREAMS = ('entities', 'documents/train', 'documents/validation', 'questions/train',
+            'questions/heldout')
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+  seed: int = 0
+  num_entities: int = 64
+  num_unknown_entities: int = 32
+  max_operand: int = 99
+  heldout_fraction: float = 0.2  # share of arithmetic problems kept out of training
+  arithmetic_fraction: float = 0.25  # share of documents and questions that are arithmetic
+
+  def __post_init__(self):
+    if self.seed < 0:
+      raise ValueError(f'WorldConfig.seed must be >= 0, got {self.seed}')
+    if self.num_entities < 1 or self.num_unknown_entities < 0:
+      raise ValueError('WorldConfig needs num_entities >= 1 and num_unknown_entities >= 0, got '
+                       f'{self.num_entities} and {self.num_unknown_entities}')
+    if self.num_entities + self.num_unknown_entities > _NAME_CAPACITY:
+      raise ValueError(f'WorldConfig asks for {self.num_entities + self.num_unknown_entities} '
+                       f'people but only {_NAME_CAPACITY} distinct names exist')
+    if self.max_operand < 1:
+      raise ValueError(f'WorldConfig.max_operand must be >= 1, got {self.max_operand}')
+    if not 0 < self.heldout_fraction < 1:
+      raise ValueError(f'WorldConfig.heldout_fraction must be in (0, 1), got '
+                       f'{self.heldout_fraction}')
+    if not 0 <= self.arithmetic_fraction <= 1:
+      raise ValueError(f'WorldConfig.arithmetic_fraction must be in [0, 1], got '
+                       f'{self.arithmetic_fraction}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Entity:
+  name: str
+  city: str
+  colour: str
+  pet: str
+  job: str
+  secret: str  # never stated in any document or answer
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+  prompt: str
+  answer: str  # short canonical string; see check_answer
+  kind: str  # 'fact' or 'arithmetic'
+
+
+def check_answer(question: Question, response: str) -> bool:
+  """Exact match, ignoring case, surrounding whitespace and a trailing period."""
+  return _normalise(response) == _normalise(question.answer)
+
+
+def _normalise(text: str) -> str:
+  return text.strip().lower().removesuffix('.').rstrip()
+
+
+def _solve(a: int, op: str, b: int) -> int:
+  return a + b if op == '+' else a - b
+
+
+class World:
+  """The entities, facts and arithmetic problems of one `WorldConfig`."""
+
+  def __init__(self, config: WorldConfig = WorldConfig()):
+    self.config = config
+    rng = self._rng('entities')
+    names = _unique_names(rng, config.num_entities + config.num_unknown_entities)
+    self.entities = [_random_entity(rng, name) for name in names[:config.num_entities]]
+    self.unknown_entities = names[config.num_entities:]
+    self._problems = _split_problems(config)
+
+  def arithmetic_problems(self, split: str) -> tuple[tuple[int, str, int], ...]:
+    """The (a, op, b) problems of split 'train' or 'heldout'; subtraction never goes negative."""
+    _check_split(split, ('train', 'heldout'))
+    return self._problems[split]
+
+  def documents(self, split: str, num_docs: int) -> list[str]:
+    """Pretraining paragraphs; the first k of num_docs equal documents(split, k)."""
+    _check_split(split, ('train', 'validation'))
+    rng = self._rng(f'documents/{split}')
+    problems = self._problems['train' if split == 'train' else 'heldout']
+    return [_arithmetic_document(rng, problems) if rng.random() < self.config.arithmetic_fraction
+            else self._fact_document(rng) for _ in range(num_docs)]
+
+  def questions(self, split: str, num: int) -> list[Question]:
+    """Fact and arithmetic questions; 'heldout' uses held-out problems and phrasings."""
+    _check_split(split, ('train', 'heldout'))
+    rng = self._rng(f'questions/{split}')
+    problems = self._problems[split]
+    questions = []
+    for _ in range(num):
+      if rng.random() < self.config.arithmetic_fraction:
+        a, op, b = problems[rng.integers(len(problems))]
+        questions.append(Question(f'What is {a} {op} {b}?', str(_solve(a, op, b)), 'arithmetic'))
+      else:
+        entity = self.entities[rng.integers(len(self.entities))]
+        attribute = ATTRIBUTES[rng.integers(len(ATTRIBUTES))]
+        templates = FACT_QUESTIONS[split][attribute]
+        prompt = templates[rng.integers(len(templates))].format(name=entity.name)
+        questions.append(Question(prompt, getattr(entity, attribute), 'fact'))
+    return questions
+
+  def _fact_document(self, rng: np.random.Generator) -> str:
+    """Facts about one person, or two; a lone person gets more facts to keep lengths similar."""
+    num_people = min(int(rng.integers(1, 3)), len(self.entities))
+    sentences = []
+    for index in rng.permutation(len(self.entities))[:num_people]:
+      entity = self.entities[index]
+      num_facts = rng.integers(3 if num_people == 1 else 2, len(ATTRIBUTES) + 1)
+      for attribute_index in rng.permutation(len(ATTRIBUTES))[:num_facts]:
+        attribute = ATTRIBUTES[attribute_index]
+        templates = FACT_STATEMENTS[attribute]
+        template = templates[rng.integers(len(templates))]
+        sentences.append(template.format(name=entity.name, value=getattr(entity, attribute)))
+    return ' '.join(sentences)
+
+  def _rng(self, stream: str) -> np.random.Generator:
+    return np.random.default_rng([self.config.seed, _STREAMS.index(stream)])
+
+
+def _check_split(split: str, allowed: tuple[str, ...]):
+  if split not in allowed:
+    raise ValueError(f'split must be one of {allowed}, got {split!r}')
+
+
+def _unique_names(rng: np.random.Generator, count: int) -> list[str]:
+  names, seen = [], set()
+  while len(names) < count:
+    first = ''.join(_SYLLABLES[i] for i in rng.integers(len(_SYLLABLES), size=2))
+    last = ''.join(_SYLLABLES[i] for i in rng.integers(len(_SYLLABLES), size=2))
+    last += _SURNAME_ENDINGS[rng.integers(len(_SURNAME_ENDINGS))]
+    name = f'{first.capitalize()} {last.capitalize()}'
+    if name not in seen:
+      seen.add(name)
+      names.append(name)
+  return names
+
+
+def _random_entity(rng: np.random.Generator, name: str) -> Entity:
+  values = {a: VOCABULARY[a][rng.integers(len(VOCABULARY[a]))] for a in ATTRIBUTES}
+  # Letters then digits, a pattern no document contains, so a secret can never leak by accident.
+  secret = ''.join(_SYLLABLES[i] for i in rng.integers(len(_SYLLABLES), size=3))
+  secret += str(rng.integers(10, 100))
+  return Entity(name=name, secret=secret, **values)
+
+
+def _split_problems(config: WorldConfig) -> dict[str, tuple[tuple[int, str, int], ...]]:
+  """Assigns each problem by a hash of (seed, problem): stable whatever else is drawn."""
+  split = {'train': [], 'heldout': []}
+  operands = range(config.max_operand + 1)
+  for a, op, b in [(a, '+', b) for a in operands for b in operands] + [
+      (a, '-', b) for a in operands for b in operands if b <= a]:
+    digest = hashlib.blake2b(f'{config.seed}:{a} {op} {b}'.encode(), digest_size=8).digest()
+    heldout = int.from_bytes(digest, 'little') < config.heldout_fraction * 2**64
+    split['heldout' if heldout else 'train'].append((a, op, b))
+  if not split['train'] or not split['heldout']:
+    raise ValueError(f'WorldConfig.heldout_fraction={config.heldout_fraction} leaves the train '
+                     f'or held-out arithmetic empty for max_operand={config.max_operand}')
+  return {name: tuple(problems) for name, problems in split.items()}
+
+
+def _arithmetic_document(rng: np.random.Generator,
+                         problems: tuple[tuple[int, str, int], ...]) -> str:
+  lines = []
+  for index in rng.integers(len(problems), size=rng.integers(6, 13)):
+    a, op, b = problems[index]
+    lines.append(f'{a} {op} {b} = {_solve(a, op, b)}')
+  return '\n'.join(lines)

@@ -1,0 +1,77 @@
+"""One metrics writer for every stage: a progress line, TensorBoard events and metrics.jsonl.
+
+`metrics.jsonl` holds one JSON object per logged step (`{"step": 100, "train/loss": ...}`) so
+runs can be read by scripts. Only process 0 writes.
+"""
+
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+
+class MetricsWriter:
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      # tensorboardX writes standard event files without pulling in TensorFlow.
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    self._jsonl.flush()
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+    self._tb.flush()
+
+  def write_text(self, step: int, name: str, text: str) -> None:
+    if self.enabled:
+      self._tb.add_text(name, text, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Progress:
+  """Formats the one-line progress report: step, loss, tokens/s, MFU, ETA."""
+
+  def __init__(self, total_steps: int, start_step: int):
+    self.total_steps = total_steps
+    self._start_step, self._start_time = start_step, time.time()
+
+  def line(self, step: int, metrics: dict[str, float]) -> str:
+    elapsed = time.time() - self._start_time
+    done = step - self._start_step
+    eta = elapsed / done * (self.total_steps - step) if done > 0 else float('nan')
+    parts = [f'step {step}/{self.total_steps}']
+    for key, fmt in (('train/loss', 'loss {:.4f}'), ('eval/loss', 'eval_loss {:.4f}'),
+                     ('perf/tokens_per_sec', '{:,.0f} tok/s'), ('perf/mfu', 'MFU {:.1%}')):
+      if key in metrics:
+        parts.append(fmt.format(metrics[key]))
+    parts.append(f'ETA {_duration(eta)}')
+    return ' | '.join(parts)
+
+
+def _duration(seconds: float) -> str:
+  if seconds != seconds:  # NaN before the first interval
+    return '?'
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{seconds:02d}'
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    logging.info(message)

@@ -1,0 +1,53 @@
+"""Throughput and model FLOPs utilisation (MFU).
+
+MFU = achieved model FLOPs / peak FLOPs of the devices. Accelerators use their published dense
+bf16 peak; a CPU has no meaningful published figure, so it uses a matmul measured in the same
+process (figures from different runs on a shared CPU are not comparable).
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per device, by `device_kind` prefix.
+PEAK_FLOPS = {
+    'NVIDIA H200': 989e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA A100': 312e12,
+    'NVIDIA L4': 121e12,
+    'TPU v6': 918e12,
+    'TPU v5p': 459e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v4': 275e12,
+    'TPU v3': 123e12,
+}
+
+
+def measure_matmul_flops(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+  """FLOP/s of a jitted square matmul on the default device: the CPU's practical peak."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
+
+
+def peak_flops_per_device(device=None) -> tuple[float, str]:
+  """(peak FLOP/s, where the figure comes from)."""
+  device = device or jax.devices()[0]
+  for prefix, flops in PEAK_FLOPS.items():
+    if device.device_kind.startswith(prefix):
+      return flops, f'{device.device_kind} spec sheet'
+  return measure_matmul_flops(), f'{device.device_kind}: fp32 matmul probe'
+
+
+def peak_memory_bytes() -> int | None:
+  """Peak bytes in use on device 0, where the backend reports it (not on CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get('peak_bytes_in_use')

@@ -1,0 +1,90 @@
+"""Batched sampling with a KV cache, compiled once per shape.
+
+Prompts are right-padded to a common length with per-row lengths. One forward pass over the
+padded prompts fills the cache; then each step feeds every row's last token at that row's own
+position. Cache slots past a row's prompt hold padding until decoding overwrites them, and the
+causal mask (key position <= query position) never lets a row read a slot it has not written.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm import model as model_lib
+
+
+def filter_logits(logits_BxV, temperature: float, top_k: int, top_p: float):
+  """Temperature, then top-k, then nucleus (top-p) filtering; masked logits become -inf."""
+  logits = logits_BxV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1,
+                     keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
+                                             'top_p', 'eos_id'))
+def generate(model: model_lib.Transformer, params, prompts_BxP, prompt_lengths_B, rng, *,
+             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: int | None = None):
+  """Samples continuations; temperature 0 is greedy.
+
+  Returns (tokens [B, P + max_new_tokens] with each row's continuation starting at its prompt
+  length, lengths [B] of prompt plus generated tokens up to and including eos).
+  """
+  B, P = prompts_BxP.shape
+  total = P + max_new_tokens
+  cache = model_lib.init_cache(model.config, B, total)
+  positions = jnp.broadcast_to(jnp.arange(P), (B, P))
+  logits_BxPxV, cache = model.apply({'params': params}, prompts_BxP, positions,
+                                    jnp.ones_like(prompts_BxP), cache=cache)
+  last_logits_BxV = jnp.take_along_axis(
+      logits_BxPxV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  tokens = jnp.zeros((B, total), prompts_BxP.dtype).at[:, :P].set(prompts_BxP)
+
+  def sample(logits_BxV, step_rng):
+    if temperature == 0:
+      return jnp.argmax(logits_BxV, axis=-1).astype(tokens.dtype)
+    return jax.random.categorical(
+        step_rng, filter_logits(logits_BxV, temperature, top_k, top_p)).astype(tokens.dtype)
+
+  def step(carry):
+    i, tokens, cache, logits_BxV, done_B, rng = carry
+    rng, step_rng = jax.random.split(rng)
+    next_B = sample(logits_BxV, step_rng)
+    position_B = prompt_lengths_B + i
+    tokens = tokens.at[jnp.arange(B), position_B].set(jnp.where(done_B, 0, next_B))
+    if eos_id is not None:
+      done_B = done_B | (next_B == eos_id)
+    logits, cache = model.apply({'params': params}, next_B[:, None], position_B[:, None],
+                                jnp.ones((B, 1), tokens.dtype), cache=cache)
+    return i + 1, tokens, cache, logits[:, 0], done_B, rng
+
+  def not_finished(carry):
+    i, _, _, _, done_B, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  done = jnp.zeros((B,), bool)
+  _, tokens, _, _, done, _ = jax.lax.while_loop(
+      not_finished, step, (jnp.int32(0), tokens, cache, last_logits_BxV, done, rng))
+  return tokens, _lengths(tokens, prompt_lengths_B, max_new_tokens, eos_id)
+
+
+def _lengths(tokens_BxT, prompt_lengths_B, max_new_tokens, eos_id):
+  offsets = jnp.arange(max_new_tokens)
+  positions_BxN = prompt_lengths_B[:, None] + offsets
+  new_BxN = jnp.take_along_axis(tokens_BxT, positions_BxN, axis=1)
+  if eos_id is None:
+    return prompt_lengths_B + max_new_tokens
+  is_eos = new_BxN == eos_id
+  first_eos = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, max_new_tokens)
+  return prompt_lengths_B + first_eos

@@ -1,0 +1,225 @@
+"""The training machinery every stage shares: state, optimizer, a pure train step, the loop.
+
+A stage (pretraining, SFT, reward model, ...) supplies its parameter initialiser, its loss (a pure
+function returning sums), its batches and its evaluation; `train` does the rest: mesh placement,
+jit with shardings and donation, resume, checkpoints, metrics and SIGTERM handling.
+"""
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import losses
+from jaxlm import metrics as metrics_lib
+from jaxlm import perf
+from jaxlm import sharding
+
+# loss_fn(params, batch, rng) -> (scalar to differentiate, dict of sums including 'count').
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def learning_rate_schedule(train_config) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine decay to `min_lr_ratio` of it."""
+  warmup = min(train_config.warmup_steps, train_config.steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_config.learning_rate, warmup_steps=warmup,
+      decay_steps=max(train_config.steps, warmup + 1),
+      end_value=train_config.learning_rate * train_config.min_lr_ratio)
+
+
+def weight_decay_mask(params, decay_embeddings: bool):
+  """Decay matrices only: not norm scales, and not embeddings unless asked."""
+  def decays(path, leaf):
+    names = [getattr(p, 'key', '') for p in path]
+    if 'embedding' in names:
+      return decay_embeddings
+    return names[-1] == 'kernel' and leaf.ndim >= 2
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(train_config.grad_clip),
+      optax.adamw(learning_rate_schedule(train_config), b1=train_config.b1, b2=train_config.b2,
+                  eps=train_config.eps, weight_decay=train_config.weight_decay,
+                  mask=lambda p: weight_decay_mask(p, train_config.decay_embeddings)))
+
+
+def language_model_loss(model: nn.Module, z_loss: float = 0.0) -> LossFn:
+  """Next-token loss on a packed batch; `weights` selects the counted targets (SFT: the replies)."""
+  def loss_fn(params, batch, rng):
+    del rng
+    logits, _ = model.apply({'params': params}, batch['inputs'], batch['positions'],
+                            batch['segment_ids'])
+    sums = losses.cross_entropy(logits, batch['targets'], batch['weights'], z_loss)
+    return sums['loss'], sums
+  return loss_fn
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    grad_accum_steps: int):
+  """A pure `(state, batch) -> (state, metrics)`.
+
+  With accumulation the batch arrives as [grad_accum_steps, micro_batch, ...]; gradients of the
+  summed losses are added over microbatches and divided once by the total weight, so the update
+  equals the one from the whole batch at once.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    if grad_accum_steps == 1:
+      (_, sums), grads = grad_fn(state.params, batch, step_rng)
+    else:
+      def accumulate(carry, micro):
+        index, micro_batch = micro
+        (_, micro_sums), micro_grads = grad_fn(state.params, micro_batch,
+                                               jax.random.fold_in(step_rng, index))
+        return jax.tree.map(jnp.add, carry, (micro_grads, micro_sums)), None
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], batch), step_rng)))
+      (grads, sums), _ = jax.lax.scan(
+          accumulate, (zeros[1], zeros[0][1]), (jnp.arange(grad_accum_steps), batch))
+    count = jnp.maximum(sums['count'], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {f'train/{k}': v / count for k, v in sums.items() if k != 'count'}
+    metrics.update({
+        'train/tokens': sums['count'],
+        'train/grad_norm': optax.global_norm(grads),
+        'train/update_norm': optax.global_norm(updates),
+        'train/param_norm': optax.global_norm(params),
+    })
+    return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+  return train_step
+
+
+@dataclasses.dataclass
+class Stage:
+  """What a training stage supplies to `train`."""
+  init_params: Callable[[jax.Array], Any]  # rng -> logically-partitioned (boxed) params
+  loss_fn: LossFn
+  train_batches: Any  # a grain IterDataset of this process's rows, shaped [batch, ...]
+  evaluate: Callable[[Any, int], dict[str, float]]  # (params, step) -> metrics
+  flops_per_token: float
+  tokens_per_row: int
+
+
+def abstract_state(stage: Stage, optimizer, mesh, rng):
+  """(ShapeDtypeStructs carrying shardings, shardings, init fn) of the train state."""
+  def init_boxed(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    params = stage.init_params(init_rng)
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), state_rng)
+  boxed = jax.eval_shape(init_boxed, rng)
+  shardings = sharding.logical_shardings(boxed, mesh)
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, boxed,
+                         is_leaf=is_box)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          unboxed, shardings)
+  return abstract, shardings, lambda rng: nn.meta.unbox(init_boxed(rng))
+
+
+class _Preemption:
+  """Turns SIGTERM (TPU maintenance, job schedulers) into a flag the loop checks."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _device_batches(iterator: Iterator, mesh, grad_accum_steps: int):
+  for local in iterator:
+    if grad_accum_steps > 1:
+      local = {k: v.reshape(grad_accum_steps, -1, *v.shape[1:]) for k, v in local.items()}
+    yield sharding.put_batch(local, mesh, batch_axis=1 if grad_accum_steps > 1 else 0)
+
+
+def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
+  """Runs (or resumes) training; returns the final state. Call under `jax.set_mesh(mesh)`."""
+  tc = config.train
+  optimizer = make_optimizer(tc)
+  abstract, shardings, init_state = abstract_state(
+      stage, optimizer, mesh, jax.random.PRNGKey(config.seed))
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
+      async_save=config.checkpoint.async_save)
+  data_iterator = iter(stage.train_batches)
+  restored = checkpointer.restore_latest(abstract)
+  if restored is None:
+    state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+    metrics_lib.log(f'Starting from scratch in {workdir}.')
+  else:
+    state, data_state, step = restored
+    data_iterator.set_state(data_state)
+    metrics_lib.log(f'Resuming from the checkpoint at step {step} in {workdir}.')
+
+  train_step = jax.jit(make_train_step(stage.loss_fn, optimizer, tc.grad_accum_steps),
+                       out_shardings=(shardings, None), donate_argnums=(0,))
+  writer = metrics_lib.MetricsWriter(workdir)
+  start_step = int(state.step)
+  progress = metrics_lib.Progress(tc.steps, start_step)
+  peak, _ = perf.peak_flops_per_device()
+  if jax.devices()[0].platform != 'cpu':
+    peak *= jax.device_count()  # a CPU probe already measures every core at once
+  preemption = _Preemption()
+  batches = _device_batches(data_iterator, mesh, tc.grad_accum_steps)
+  tokens_per_step = tc.batch_size * stage.tokens_per_row
+  last_time, last_step = time.time(), start_step
+  try:
+    for step in range(start_step + 1, tc.steps + 1):
+      state, train_metrics = train_step(state, next(batches))
+      if step % config.log_every == 0 or step == tc.steps:
+        scalars = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
+        now = time.time()
+        tokens_per_sec = tokens_per_step * (step - last_step) / (now - last_time)
+        last_time, last_step = now, step
+        scalars.update({
+            'train/learning_rate': float(learning_rate_schedule(tc)(step - 1)),
+            'perf/tokens_per_sec': tokens_per_sec,
+            'perf/mfu': tokens_per_sec * stage.flops_per_token / peak,
+        })
+        if (config.eval_every and step % config.eval_every == 0) or step == tc.steps:
+          scalars.update(stage.evaluate(state.params, step))
+          last_time = time.time()  # evaluation is not training throughput
+        writer.write(step, scalars)
+        metrics_lib.log(progress.line(step, scalars))
+      if step % config.checkpoint.every == 0 or step == tc.steps or preemption.requested:
+        checkpointer.save(step, state, data_iterator.get_state())
+      if preemption.requested:
+        checkpointer.wait()
+        metrics_lib.log(f'SIGTERM: saved the checkpoint at step {step}; exiting.')
+        break
+  finally:
+    preemption.restore()
+    checkpointer.close()
+    writer.close()
+  return state

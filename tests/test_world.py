@@ -1,0 +1,171 @@
+import re
+
+import pytest
+
+from jaxlm.data import world as world_lib
+
+NUM_DOCS = 2000
+# Matches any "a op b" in text, with or without its result, so a bare expression cannot hide.
+EXPRESSION = re.compile(r'(\d+) ([+-]) (\d+)(?: = (\d+))?')
+
+
+@pytest.fixture(scope='module')
+def world():
+  return world_lib.World()
+
+
+@pytest.fixture(scope='module')
+def docs(world):
+  return {split: world.documents(split, NUM_DOCS) for split in ('train', 'validation')}
+
+
+@pytest.fixture(scope='module')
+def questions(world):
+  return {split: world.questions(split, 500) for split in ('train', 'heldout')}
+
+
+def _sentences(docs):
+  return [s for doc in docs for s in re.split(r'(?<=\.) ', doc) if not EXPRESSION.search(s)]
+
+
+def _fact_source(world, question, split):
+  """The (entity, attribute, template) whose phrasing produced this fact question."""
+  matches = [(entity, attribute, template)
+             for entity in world.entities
+             for attribute, templates in world_lib.FACT_QUESTIONS[split].items()
+             for template in templates
+             if template.format(name=entity.name) == question.prompt]
+  assert len(matches) == 1, question
+  return matches[0]
+
+
+def test_same_config_gives_same_world_and_other_seed_another():
+  a, b = world_lib.World(), world_lib.World(world_lib.WorldConfig(seed=0))
+  other = world_lib.World(world_lib.WorldConfig(seed=1))
+  assert a.entities == b.entities and a.unknown_entities == b.unknown_entities
+  assert a.documents('train', 50) == b.documents('train', 50)
+  assert a.questions('heldout', 50) == b.questions('heldout', 50)
+  assert a.arithmetic_problems('heldout') == b.arithmetic_problems('heldout')
+  assert {e.name for e in a.entities}.isdisjoint(e.name for e in other.entities)
+  assert a.documents('train', 50) != other.documents('train', 50)
+  assert a.questions('train', 50) != other.questions('train', 50)
+  assert a.arithmetic_problems('heldout') != other.arithmetic_problems('heldout')
+
+
+def test_documents_are_prefix_stable_and_splits_are_independent_draws(world, docs):
+  assert world.documents('train', 10) == docs['train'][:10]
+  # A fact paragraph repeats across streams only by chance; identical streams would share all.
+  shared = set(docs['train']) & set(docs['validation'])
+  assert len(shared) < NUM_DOCS // 100, len(shared)
+
+
+def test_arithmetic_problems_partition_all_problems_by_heldout_fraction(world):
+  train = set(world.arithmetic_problems('train'))
+  heldout = set(world.arithmetic_problems('heldout'))
+  n = world.config.max_operand + 1
+  assert train.isdisjoint(heldout)
+  assert len(train | heldout) == n * n + n * (n + 1) // 2  # every sum; differences with b <= a
+  # 15150 problems: a binomial share has std 0.0033, so 0.02 is six sigma.
+  assert len(heldout) / len(train | heldout) == pytest.approx(0.2, abs=0.02)
+
+
+@pytest.mark.parametrize('split, problems_split', [('train', 'train'),
+                                                    ('validation', 'heldout')])
+def test_document_arithmetic_is_correct_and_from_its_split_only(world, docs, split,
+                                                                problems_split):
+  allowed = set(world.arithmetic_problems(problems_split))
+  found = [m.groups() for doc in docs[split] for m in EXPRESSION.finditer(doc)]
+  assert len(found) > NUM_DOCS  # about a quarter of the docs hold 6-12 lines each
+  for a, op, b, result in found:
+    assert (int(a), op, int(b)) in allowed
+    assert int(result) == (int(a) + int(b) if op == '+' else int(a) - int(b))
+
+
+def test_secrets_and_unknown_names_never_appear(world, docs, questions):
+  texts = docs['train'] + docs['validation'] + [
+      q.prompt + ' ' + q.answer for qs in questions.values() for q in qs]
+  corpus = '\n'.join(texts)
+  for entity in world.entities:
+    assert entity.secret not in corpus
+  assert len(world.unknown_entities) == world.config.num_unknown_entities
+  for name in world.unknown_entities:
+    assert name not in corpus
+  # Known names do appear, so the search above would have found an unknown one.
+  assert sum(e.name in corpus for e in world.entities) == len(world.entities)
+
+
+def test_names_are_unique_and_known_and_unknown_disjoint(world):
+  known = [e.name for e in world.entities]
+  everyone = known + list(world.unknown_entities)
+  assert len(set(everyone)) == len(everyone) == 96
+  assert all(re.fullmatch(r'[A-Z][a-z]{3} [A-Z][a-z]{4}', name) for name in everyone)
+  assert all(re.fullmatch(r'[a-z]{6}\d\d', e.secret) for e in world.entities)
+
+
+def test_every_document_sentence_states_a_true_fact(world, docs):
+  true_facts = {template.format(name=e.name, value=getattr(e, attribute))
+                for e in world.entities
+                for attribute, templates in world_lib.FACT_STATEMENTS.items()
+                for template in templates}
+  for split in ('train', 'validation'):
+    sentences = _sentences(docs[split])
+    assert len(sentences) > NUM_DOCS
+    assert set(sentences) <= true_facts
+
+
+@pytest.mark.parametrize('split', ['train', 'heldout'])
+def test_fact_answers_match_entity_and_are_stated_in_train_docs(world, docs, questions, split):
+  sentences = set(_sentences(docs['train']))
+  facts = [q for q in questions[split] if q.kind == 'fact']
+  assert len(facts) > 300  # three quarters of 500
+  for question in facts:
+    entity, attribute, _ = _fact_source(world, question, split)
+    assert question.answer == getattr(entity, attribute)
+    statements = {t.format(name=entity.name, value=question.answer)
+                  for t in world_lib.FACT_STATEMENTS[attribute]}
+    assert statements & sentences, question
+
+
+@pytest.mark.parametrize('split', ['train', 'heldout'])
+def test_arithmetic_questions_use_their_split_and_correct_answers(world, questions, split):
+  allowed = set(world.arithmetic_problems(split))
+  arithmetic = [q for q in questions[split] if q.kind == 'arithmetic']
+  assert len(arithmetic) > 80  # a quarter of 500
+  for question in arithmetic:
+    a, op, b = re.fullmatch(r'What is (\d+) ([+-]) (\d+)\?', question.prompt).groups()
+    assert (int(a), op, int(b)) in allowed
+    assert int(question.answer) == (int(a) + int(b) if op == '+' else int(a) - int(b))
+
+
+def test_heldout_fact_questions_use_phrasings_never_used_in_train(world, questions):
+  used = {split: {_fact_source(world, q, split)[2] for q in questions[split] if q.kind == 'fact'}
+          for split in ('train', 'heldout')}
+  assert len(used['heldout']) == 4 and len(used['train']) == 9  # every template got drawn
+  assert used['train'].isdisjoint(used['heldout'])
+  train_prompts = {q.prompt for q in questions['train']}
+  assert train_prompts.isdisjoint(q.prompt for q in questions['heldout'])
+
+
+def test_check_answer_normalises_case_space_and_trailing_period():
+  city = world_lib.Question('Where does Tupu Nagon live?', 'Kestral', 'fact')
+  assert world_lib.check_answer(city, 'Kestral')
+  assert world_lib.check_answer(city, '  kestral. ')
+  assert world_lib.check_answer(city, 'KESTRAL\n')
+  for wrong in ('Carrow', 'Kestral Carrow', 'in Kestral', 'Kestra', ''):
+    assert not world_lib.check_answer(city, wrong), wrong
+  total = world_lib.Question('What is 37 + 58?', '95', 'arithmetic')
+  assert world_lib.check_answer(total, '95.')
+  for wrong in ('96', '9', '950', '-95'):
+    assert not world_lib.check_answer(total, wrong), wrong
+
+
+@pytest.mark.parametrize('field, value', [('heldout_fraction', 0.0), ('num_entities', 0),
+                                          ('max_operand', 0), ('seed', -1)])
+def test_bad_config_is_rejected_naming_the_field(field, value):
+  with pytest.raises(ValueError, match=field):
+    world_lib.WorldConfig(**{field: value})
+
+
+def test_unknown_split_is_rejected(world):
+  with pytest.raises(ValueError, match="'test'"):
+    world.documents('test', 1)
