@@ -59,6 +59,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
 
 def main(argv):
   del argv
+  metrics.configure_logging()
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

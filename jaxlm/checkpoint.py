@@ -98,13 +98,30 @@ class Checkpointer:
     `abstract_state` holds `jax.ShapeDtypeStruct`s with shardings: arrays are restored straight
     onto the current mesh, whatever mesh they were saved from.
     """
+    return self._restore_newest(lambda step: self._restore_state(step, abstract_state))
+
+  def restore_params(self, abstract_params):
+    """(params, step) from the newest verified step: the parameters only, for generation or for
+    starting a later stage. None if there is no checkpoint."""
+    def restore(step):
+      item = {'params': abstract_params}
+      restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True)))
+      return restored['state']['params'], step
+    return self._restore_newest(restore)
+
+  def _restore_state(self, step, abstract_state):
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored['state'], restored['data'], step
+
+  def _restore_newest(self, restore):
     for step in sorted(self._manager.all_steps(), reverse=True):
       problem = verify(self.directory / str(step))
       if problem is None:
         try:
-          restored = self._manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-          return restored['state'], restored['data'], step
+          return restore(step)
         except Exception as e:  # pylint: disable=broad-except
           problem = f'restore failed: {e}'
       self._set_aside(step, problem)

@@ -5,10 +5,12 @@ runs can be read by scripts. Only process 0 writes.
 """
 
 import json
+import logging as std_logging
 import os
 import time
 
 import jax
+from absl import flags
 from absl import logging
 
 
@@ -73,5 +75,22 @@ def _duration(seconds: float) -> str:
 
 
 def log(message: str) -> None:
+  """A line for the user on process 0, whatever the logging verbosity."""
   if jax.process_index() == 0:
-    logging.info(message)
+    print(f'{time.strftime("%H:%M:%S")} {message}', flush=True)
+
+
+class _DropLibraryChatter(std_logging.Filter):
+  """Keeps warnings from jaxlm itself; drops tfds' notes about custom builder configs."""
+
+  def filter(self, record):
+    return 'tensorflow_datasets' not in record.pathname or record.levelno >= std_logging.ERROR
+
+
+def configure_logging() -> None:
+  """For binaries: library INFO logs (Orbax writes dozens per save) off unless -v is given."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(_DropLibraryChatter())
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()

@@ -52,9 +52,16 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all devices, or the first `mesh_config.num_devices`."""
+  if devices is None:
+    devices = jax.devices()
+    if mesh_config.get('num_devices', 0):
+      if jax.process_count() > 1 or mesh_config.num_devices > len(devices):
+        raise ValueError(f'config.mesh.num_devices={mesh_config.num_devices} needs a single '
+                         f'process with at least that many devices; have {len(devices)}')
+      devices = devices[:mesh_config.num_devices]
   # Auto axes: partitioning is propagated by the compiler from our annotations (Explicit mode
   # would reject contractions over sharded dimensions).
-  devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
   return jax.make_mesh(shape, MESH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))

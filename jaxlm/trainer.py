@@ -105,9 +105,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     metrics = {f'train/{k}': v / count for k, v in sums.items() if k != 'count'}
     metrics.update({
         'train/tokens': sums['count'],
-        'train/grad_norm': optax.global_norm(grads),
-        'train/update_norm': optax.global_norm(updates),
-        'train/param_norm': optax.global_norm(params),
+        'train/grad_norm': optax.tree.norm(grads),
+        'train/update_norm': optax.tree.norm(updates),
+        'train/param_norm': optax.tree.norm(params),
     })
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
@@ -125,19 +125,25 @@ class Stage:
   tokens_per_row: int
 
 
-def abstract_state(stage: Stage, optimizer, mesh, rng):
+def abstract_params(boxed_shapes, mesh):
+  """(ShapeDtypeStructs carrying their shardings, the shardings) for an `eval_shape`d tree of
+  logically-partitioned values."""
+  shardings = sharding.logical_shardings(boxed_shapes, mesh)
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x,
+                         boxed_shapes, is_leaf=is_box)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          unboxed, shardings)
+  return abstract, shardings
+
+
+def abstract_state(init_params, optimizer, mesh, rng):
   """(ShapeDtypeStructs carrying shardings, shardings, init fn) of the train state."""
   def init_boxed(rng):
     init_rng, state_rng = jax.random.split(rng)
-    params = stage.init_params(init_rng)
+    params = init_params(init_rng)
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), state_rng)
-  boxed = jax.eval_shape(init_boxed, rng)
-  shardings = sharding.logical_shardings(boxed, mesh)
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-  unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, boxed,
-                         is_leaf=is_box)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          unboxed, shardings)
+  abstract, shardings = abstract_params(jax.eval_shape(init_boxed, rng), mesh)
   return abstract, shardings, lambda rng: nn.meta.unbox(init_boxed(rng))
 
 
@@ -168,7 +174,7 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
   tc = config.train
   optimizer = make_optimizer(tc)
   abstract, shardings, init_state = abstract_state(
-      stage, optimizer, mesh, jax.random.PRNGKey(config.seed))
+      stage.init_params, optimizer, mesh, jax.random.PRNGKey(config.seed))
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
       async_save=config.checkpoint.async_save)

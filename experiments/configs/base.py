@@ -49,5 +49,6 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
+  # -1: all remaining devices. num_devices 0 uses every device; N uses the first N (one process).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
   return c

@@ -1,0 +1,109 @@
+r"""Measures the train step of any config on random tokens: compile time, step time, tokens/s,
+MFU and memory.
+
+  python -m experiments.benchmark --config=experiments/configs/gpt2_124m.py \
+      --config.train.batch_size=8 --steps=5
+
+On a CPU the MFU denominator is a matmul probe measured in the same run (see `jaxlm.perf`).
+"""
+
+import json
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from jaxlm import configs
+from jaxlm import lm
+from jaxlm import metrics
+from jaxlm import model as model_lib
+from jaxlm import perf
+from jaxlm import sharding
+from jaxlm import trainer
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
+                                          'Path to a config file.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps, after one warm-up step.')
+_VOCAB = flags.DEFINE_integer('vocab_size', None,
+                              'Vocabulary size; default: config.tokenizer.vocab_size.')
+
+
+def state_bytes_on_first_device(state) -> int:
+  """Parameter and optimizer bytes held by one device: what FSDP and TP divide."""
+  device = jax.devices()[0]
+  return sum(shard.data.nbytes for leaf in jax.tree.leaves(state)
+             for shard in leaf.addressable_shards if shard.device == device)
+
+
+def benchmark(config, steps: int, vocab_size: int) -> dict:
+  configs.validate(config)
+  tc, seq_len = config.train, config.data.seq_len
+  model_config = model_lib.ModelConfig.from_config(config.model, vocab_size)
+  model = model_lib.Transformer(model_config)
+  mesh = sharding.make_mesh(config.mesh)
+  optimizer = trainer.make_optimizer(tc)
+  rng = np.random.default_rng(config.seed)
+  local_rows = sharding.batch_size_per_process(tc.batch_size, mesh)
+  tokens = rng.integers(3, vocab_size, (local_rows, seq_len + 1), dtype=np.int32)
+  local_batch = {
+      'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+      'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), (local_rows, seq_len)),
+      'segment_ids': np.ones((local_rows, seq_len), np.int32),
+      'weights': np.ones((local_rows, seq_len), np.float32),
+  }
+  if tc.grad_accum_steps > 1:
+    local_batch = {k: v.reshape(tc.grad_accum_steps, -1, seq_len) for k, v in local_batch.items()}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    _, shardings, init_state = trainer.abstract_state(
+        lm.init_params_fn(model, seq_len), optimizer, mesh, jax.random.PRNGKey(0))
+    state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(0))
+    batch = sharding.put_batch(local_batch, mesh, batch_axis=int(tc.grad_accum_steps > 1))
+    step_fn = jax.jit(trainer.make_train_step(trainer.language_model_loss(model, tc.z_loss),
+                                              optimizer, tc.grad_accum_steps),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+    state, out = compiled(state, batch)  # warm-up
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, out = compiled(state, batch)
+    jax.block_until_ready(out)
+    step_seconds = (time.perf_counter() - start) / steps
+    state_bytes = state_bytes_on_first_device(state)
+  peak, peak_source = perf.peak_flops_per_device()
+  if jax.devices()[0].platform != 'cpu':
+    peak *= jax.device_count()
+  tokens_per_sec = tc.batch_size * seq_len / step_seconds
+  memory = compiled.memory_analysis()
+  return {
+      'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
+      'mesh': dict(mesh.shape), 'params': model_config.num_params(),
+      'batch_size': tc.batch_size, 'seq_len': seq_len,
+      'compile_seconds': compile_seconds, 'step_seconds': step_seconds,
+      'tokens_per_sec': tokens_per_sec,
+      'model_flops_per_sec': tokens_per_sec * model_config.flops_per_token(seq_len),
+      'peak_flops_per_sec': peak, 'peak_source': peak_source,
+      'mfu': tokens_per_sec * model_config.flops_per_token(seq_len) / peak,
+      'state_bytes_per_device': state_bytes,
+      'compiled_temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
+      'peak_bytes_in_use': perf.peak_memory_bytes(),
+      'final_loss': float(out['train/loss']),
+  }
+
+
+def main(argv):
+  del argv
+  metrics.configure_logging()
+  config = _CONFIG.value
+  result = benchmark(config, _STEPS.value, _VOCAB.value or config.tokenizer.vocab_size)
+  print(json.dumps(result, indent=2))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,29 @@
+"""A config small enough for end-to-end tests to train in seconds."""
+
+from experiments.configs import tiny
+
+
+def config(steps=8, **overrides):
+  c = tiny.get_config()
+  c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 mlp_dim=128, max_seq_len=64)
+  c.data.update(seq_len=64, num_train_docs=400, num_validation_docs=40)
+  c.tokenizer.update(vocab_size=320, train_docs=400)
+  c.train.update(steps=steps, batch_size=8, warmup_steps=2)
+  c.eval.update(batches=1, batch_size=8, num_samples=0)
+  c.log_every = 1
+  c.eval_every = 0
+  c.checkpoint.update(every=4, keep=3)
+  c.mesh.update(data=-1, fsdp=1, tensor=1, num_devices=1)
+  for dotted, value in overrides.items():
+    target = c
+    *parents, leaf = dotted.split('.')
+    for part in parents:
+      target = target[part]
+    target[leaf] = value
+  return c
+
+
+def get_config():
+  """Lets the binaries load this file with --config=tests/tiny_config.py."""
+  return config()
