@@ -1,0 +1,37 @@
+"""jaxlm: train language models end to end in JAX — pretraining, SFT, reward models and RL."""
+
+import setuptools
+
+setuptools.setup(
+    name='jaxlm',
+    version='0.1.0',
+    description='Language-model training in JAX/Flax, from pretraining to RL, one CPU to a pod.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=setuptools.find_packages(include=['jaxlm', 'jaxlm.*', 'experiments',
+                                               'experiments.*']),
+    install_requires=[
+        'jax>=0.8,<0.11',
+        'flax>=0.12,<0.13',
+        'optax>=0.2.6,<0.3',
+        'orbax-checkpoint>=0.11,<0.13',
+        'ml_collections>=1.0,<2',
+        'absl-py>=2.1,<3',
+        'numpy>=1.26,<3',
+        'sentencepiece>=0.2,<0.3',
+        # Datasets: TFDS builders write ArrayRecord and Grain reads it, without TensorFlow.
+        'tensorflow-datasets>=4.9.7,<5',
+        'array_record>=0.8,<0.9',
+        'grain>=0.2.12,<0.3',
+        'importlib_resources',  # needed by tfds builders at run time
+        'etils[epath]',
+        # TensorBoard event files without TensorFlow.
+        'tensorboardX>=2.6,<3',
+    ],
+    extras_require={
+        'test': ['pytest>=8'],
+        'gpu': ['jax[cuda12]>=0.8,<0.11'],
+        'tpu': ['jax[tpu]>=0.8,<0.11'],
+    },
+)
