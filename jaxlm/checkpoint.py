@@ -59,6 +59,30 @@ def verify(step_dir: epath.Path) -> str | None:
   return None
 
 
+class _CheckpointMismatch(ValueError):
+  """The checkpoint is intact but holds other parameters than the model needs."""
+
+
+def _check_shapes(saved_params, abstract_params, where) -> None:
+  saved = {jax.tree_util.keystr(k): v.shape
+           for k, v in jax.tree_util.tree_flatten_with_path(saved_params)[0]}
+  wanted = {jax.tree_util.keystr(k): v.shape
+            for k, v in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  for name, shape in wanted.items():
+    if name not in saved:
+      raise _CheckpointMismatch(f'{where} has no parameter params{name}; it holds another model')
+    if tuple(saved[name]) != tuple(shape):
+      raise _CheckpointMismatch(
+          f'parameter params{name} has shape {tuple(saved[name])} in {where} but the model needs '
+          f'{tuple(shape)} (another architecture or vocabulary?)')
+
+
+def _pytree_restore(abstract, partial: bool = False):
+  return ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=partial)
+
+
 class Checkpointer:
   """Saves and restores {'state': pytree, 'data': JSON-able iterator state}."""
 
@@ -68,13 +92,14 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                              enable_async_checkpointing=async_save),
-        item_names=('state', 'data'))
+        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()})
     self._unverified: list[int] = []
 
   def save(self, step: int, state, data_state: dict) -> None:
     self._write_manifests()
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+        state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state)), force=True)
     self._unverified.append(step)
 
   def wait(self) -> None:
@@ -104,24 +129,26 @@ class Checkpointer:
     """(params, step) from the newest verified step: the parameters only, for generation or for
     starting a later stage. None if there is no checkpoint."""
     def restore(step):
-      item = {'params': abstract_params}
-      restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True)))
+      _check_shapes(self._manager.item_metadata(step)['state'].tree['params'], abstract_params,
+                    self.directory / str(step))
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=_pytree_restore({'params': abstract_params}, partial=True)))
       return restored['state']['params'], step
-    return self._restore_newest(restore)
+    return self._restore_newest(restore, on_error=_CheckpointMismatch)
 
   def _restore_state(self, step, abstract_state):
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state=_pytree_restore(abstract_state), data=ocp.args.JsonRestore()))
     return restored['state'], restored['data'], step
 
-  def _restore_newest(self, restore):
+  def _restore_newest(self, restore, on_error=()):
     for step in sorted(self._manager.all_steps(), reverse=True):
       problem = verify(self.directory / str(step))
       if problem is None:
         try:
           return restore(step)
+        except on_error:
+          raise
         except Exception as e:  # pylint: disable=broad-except
           problem = f'restore failed: {e}'
       self._set_aside(step, problem)

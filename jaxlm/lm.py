@@ -86,19 +86,37 @@ def make_evaluate(model, tokenizer, mesh, batches, sample_prompts, eval_config, 
   return evaluate
 
 
-def sample(model, params, tokenizer, prompts: list[str], eval_config, rng) -> list[str]:
-  """Continuations of `prompts` (each starts from bos), decoded up to eos."""
+def complete(model, params, tokenizer, prompts: list, sample_config, rng,
+             eos_id: int = tokenizer_lib.EOS_ID) -> list[list[int]]:
+  """Generated ids (without eos) for each prompt (a list of ids).
+
+  Prompts go in fixed-size batches padded to a multiple of 32 tokens, so repeated evaluations
+  reuse one compiled sampler.
+  """
+  batch_size = sample_config.get('batch_size', 64)
+  width = -(-max(len(p) for p in prompts) // 32) * 32
+  results = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = prompts[start:start + batch_size]
+    padded = np.zeros((batch_size, width), np.int32)
+    lengths = np.ones(batch_size, np.int32)
+    for row, ids in enumerate(chunk):
+      padded[row, :len(ids)], lengths[row] = ids, len(ids)
+    tokens, ends = jax.device_get(sampling.generate(
+        model, params, jnp.asarray(padded), jnp.asarray(lengths), jax.random.fold_in(rng, start),
+        max_new_tokens=sample_config.sample_tokens, temperature=sample_config.temperature,
+        top_k=sample_config.top_k, top_p=sample_config.top_p, eos_id=eos_id,
+        vocab_size=tokenizer.vocab_size))
+    results += [[int(t) for t in tokens[row, lengths[row]:ends[row]] if t != eos_id]
+                for row in range(len(chunk))]
+  return results
+
+
+def sample(model, params, tokenizer, prompts: list[str], sample_config, rng) -> list[str]:
+  """Continuations of text `prompts` (each starts from bos), decoded up to eos."""
   encoded = [[tokenizer_lib.BOS_ID] + tokenizer.encode(p) for p in prompts]
-  lengths = np.array([len(e) for e in encoded], np.int32)
-  padded = np.zeros((len(encoded), lengths.max()), np.int32)
-  for row, ids in enumerate(encoded):
-    padded[row, :len(ids)] = ids
-  tokens, ends = jax.device_get(sampling.generate(
-      model, params, jnp.asarray(padded), jnp.asarray(lengths), rng,
-      max_new_tokens=eval_config.sample_tokens, temperature=eval_config.temperature,
-      top_k=eval_config.top_k, top_p=eval_config.top_p, eos_id=tokenizer_lib.EOS_ID))
-  return [tokenizer.decode(t for t in tokens[row, lengths[row]:ends[row]]
-                           if t != tokenizer_lib.EOS_ID) for row in range(len(prompts))]
+  return [tokenizer.decode(ids)
+          for ids in complete(model, params, tokenizer, encoded, sample_config, rng)]
 
 
 def sample_prompts(documents, tokenizer, num: int, prompt_tokens: int) -> list[str]:

@@ -32,11 +32,12 @@ def filter_logits(logits_BxV, temperature: float, top_k: int, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
-                                             'top_p', 'eos_id'))
+                                             'top_p', 'eos_id', 'vocab_size'))
 def generate(model: model_lib.Transformer, params, prompts_BxP, prompt_lengths_B, rng, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None):
-  """Samples continuations; temperature 0 is greedy.
+             eos_id: int | None = None, vocab_size: int | None = None):
+  """Samples continuations; temperature 0 is greedy. Ids from `vocab_size` up (the embedding's
+  padding beyond the tokenizer's vocabulary) are never sampled.
 
   Returns (tokens [B, P + max_new_tokens] with each row's continuation starting at its prompt
   length, lengths [B] of prompt plus generated tokens up to and including eos).
@@ -52,6 +53,8 @@ def generate(model: model_lib.Transformer, params, prompts_BxP, prompt_lengths_B
   tokens = jnp.zeros((B, total), prompts_BxP.dtype).at[:, :P].set(prompts_BxP)
 
   def sample(logits_BxV, step_rng):
+    if vocab_size is not None:
+      logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab_size, logits_BxV, -jnp.inf)
     if temperature == 0:
       return jnp.argmax(logits_BxV, axis=-1).astype(tokens.dtype)
     return jax.random.categorical(

@@ -1,0 +1,177 @@
+"""Conversations for SFT and preference pairs for reward models, from the synthetic world, JSONL
+files or a TFDS dataset; and their tokenization into packed rows.
+
+An SFT example is `{'messages': [{'role', 'content'}, ...], 'answer': str | None}`; `answer` is
+the checkable answer when there is one (the world's questions). A preference pair is
+`{'messages': prompt messages, 'chosen': str, 'rejected': str, 'kind': str}`.
+"""
+
+import json
+import os
+
+import grain
+import grain.experimental as grain_experimental
+import numpy as np
+
+from jaxlm import chat
+from jaxlm.data import world as world_lib
+
+SOURCES = ('world', 'jsonl', 'tfds')
+REJECTION_KINDS = ('wrong', 'off_format', 'rambling')
+
+
+def world_sft_examples(world: world_lib.World, split: str, num: int) -> list[dict]:
+  return [{'messages': [{'role': 'user', 'content': q.prompt},
+                        {'role': 'assistant', 'content': chat.format_answer(q.answer)}],
+           'answer': q.answer} for q in world.questions(split, num)]
+
+
+def _wrong_answer(question: world_lib.Question, rng: np.random.Generator) -> str:
+  if question.kind == 'arithmetic':
+    offset = int(rng.choice([-1, 1])) * int(rng.integers(1, 11))
+    value = int(question.answer) + offset
+    return str(value if value >= 0 else int(question.answer) + abs(offset))
+  values = next(v for v in world_lib.VOCABULARY.values() if question.answer in v)
+  return str(rng.choice([v for v in values if v != question.answer]))
+
+
+def _rejected(question, kind: str, rng: np.random.Generator) -> str:
+  if kind == 'wrong':
+    return chat.format_answer(_wrong_answer(question, rng))
+  if kind == 'off_format':
+    templates = ('{a}', 'The answer is {a}.', 'I think it is {a}', '{a}?')
+    return templates[rng.integers(len(templates))].format(a=question.answer)
+  filler = ('Let me think about this for a while.', 'There are many ways to see it.',
+            'This is a question I like.', 'It depends on how you look at it.')
+  extra = ' '.join(rng.choice(filler, size=rng.integers(1, 3)))
+  return chat.format_answer(question.answer) + ' ' + extra
+
+
+def world_preference_pairs(world: world_lib.World, split: str, num: int,
+                           proportions: dict[str, float], seed: int) -> list[dict]:
+  """Chosen: correct and well formed. Rejected: a wrong answer, an off-format reply or a
+  rambling one, drawn in the given proportions."""
+  unknown = set(proportions) - set(REJECTION_KINDS)
+  if unknown or not sum(proportions.values()) > 0:
+    raise ValueError(f'config.data.rejection_proportions must weight {REJECTION_KINDS}, got '
+                     f'{dict(proportions)}')
+  kinds = list(proportions)
+  weights = np.array([proportions[k] for k in kinds], float)
+  questions = world.questions(split, num)  # checks the split
+  rng = np.random.default_rng([seed, ('train', 'heldout').index(split)])
+  pairs = []
+  for question in questions:
+    kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+    pairs.append({'messages': [{'role': 'user', 'content': question.prompt}],
+                  'chosen': chat.format_answer(question.answer),
+                  'rejected': _rejected(question, kind, rng), 'kind': kind})
+  return pairs
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'JSONL file not found: {path}')
+  records = []
+  with open(path, encoding='utf-8') as f:
+    for line_number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          records.append(json.loads(line))
+        except ValueError as e:
+          raise ValueError(f'{path}:{line_number}: not valid JSON ({e})') from e
+  return records
+
+
+def _prompt_messages(record, where: str) -> list[dict]:
+  prompt = record.get('prompt', record.get('messages'))
+  if isinstance(prompt, str):
+    return [{'role': 'user', 'content': prompt}]
+  if isinstance(prompt, list):
+    return prompt
+  raise ValueError(f'{where}: needs "prompt" (a string) or "messages" (a list)')
+
+
+def conversation_from_record(record: dict, where: str) -> dict:
+  """`{"messages": [...]}` or `{"prompt": ..., "response": ...}` (optional `"answer"`)."""
+  if 'messages' in record:
+    messages = record['messages']
+  elif 'prompt' in record and 'response' in record:
+    messages = [{'role': 'user', 'content': record['prompt']},
+                {'role': 'assistant', 'content': record['response']}]
+  else:
+    raise ValueError(f'{where}: needs "messages", or "prompt" and "response"; got keys '
+                     f'{sorted(record)}')
+  for message in messages:
+    if message.get('role') not in chat.ROLES or not isinstance(message.get('content'), str):
+      raise ValueError(f'{where}: each message needs a role in {chat.ROLES} and string content; '
+                       f'got {message}')
+  return {'messages': messages, 'answer': record.get('answer')}
+
+
+def preference_from_record(record: dict, where: str) -> dict:
+  """`{"prompt" or "messages", "chosen": str, "rejected": str}`."""
+  if not isinstance(record.get('chosen'), str) or not isinstance(record.get('rejected'), str):
+    raise ValueError(f'{where}: needs string "chosen" and "rejected"; got keys {sorted(record)}')
+  return {'messages': _prompt_messages(record, where), 'chosen': record['chosen'],
+          'rejected': record['rejected'], 'kind': record.get('kind', 'jsonl')}
+
+
+def from_jsonl(path: str, parse) -> list[dict]:
+  return [parse(record, f'{path}:{i + 1}') for i, record in enumerate(_read_jsonl(path))]
+
+
+def from_tfds(name: str, data_dir: str, split: str, parse) -> list[dict]:
+  """A TFDS dataset prepared as ArrayRecord whose records have the JSONL fields above.
+  Never downloads (see `jaxlm.data.pipeline`)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    source = tfds.builder(name, data_dir=data_dir or None,
+                          file_format='array_record').as_data_source(split=split)
+  except Exception as e:  # tfds raises many types for a missing or unprepared dataset
+    raise ValueError(f'TFDS dataset {name!r} split {split!r} is not prepared as ArrayRecord in '
+                     f'{data_dir!r}: {e}') from e
+  decode = lambda v: v.decode('utf-8') if isinstance(v, bytes) else v
+  return [parse({k: decode(v) for k, v in source[i].items()}, f'{name}[{split}][{i}]')
+          for i in range(len(source))]
+
+
+def tokenize_conversations(tokenizer, examples: list[dict], seq_len: int):
+  """Rows of aligned inputs/targets/weights, at most `seq_len` long, and what truncation did.
+
+  A conversation longer than a row is cut at the end; one whose cut leaves no reply token at all
+  is dropped. Both are counted, never silent.
+  """
+  rows, stats = [], {'conversations': len(examples), 'truncated': 0, 'dropped': 0}
+  for example in examples:
+    tokens, mask = chat.encode(tokenizer, example['messages'])
+    if len(tokens) > seq_len + 1:
+      tokens, mask = tokens[:seq_len + 1], mask[:seq_len + 1]
+      stats['truncated'] += 1
+    if not mask[1:].any():
+      stats['dropped'] += 1
+      continue
+    rows.append({'inputs': tokens[:-1], 'targets': tokens[1:],
+                 'weights': mask[1:].astype(np.float32)})
+  return rows, stats
+
+
+def _finish_packed(row):
+  return {'inputs': row['inputs'].astype(np.int32), 'targets': row['targets'].astype(np.int32),
+          'weights': row['weights'].astype(np.float32),
+          'segment_ids': row['inputs_segment_ids'].astype(np.int32),
+          'positions': row['inputs_positions'].astype(np.int32)}
+
+
+def packed_conversation_batches(rows: list[dict], seq_len: int, batch_size: int, seed: int,
+                                shuffle: bool = True, repeat: bool = True,
+                                process_index: int = 0, process_count: int = 1):
+  """Whole conversations packed several to a row (first fit), padding the rest."""
+  ds = grain.MapDataset.source(rows)[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat(None)
+  ds = grain_experimental.FirstFitPackIterDataset(
+      ds.to_iter_dataset(), length_struct={k: seq_len for k in ('inputs', 'targets', 'weights')},
+      num_packing_bins=max(2, batch_size), shuffle_bins=shuffle, seed=seed)
+  return ds.map(_finish_packed).batch(batch_size, drop_remainder=repeat)

@@ -1,0 +1,229 @@
+"""TFDS builders and the Grain pipeline: every document exactly once, packed rows that unpack
+back to the tokenized documents, per-process slices, and exactly resumable iterators."""
+
+import collections
+import json
+import sys
+
+import grain
+import numpy as np
+import pytest
+
+from experiments.configs import base
+from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.data import pipeline
+from jaxlm.data import tfds_builders
+from jaxlm.data import world as world_lib
+
+SEQ_LEN, BATCH = 32, 4
+FIELDS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory):
+  path = tmp_path_factory.mktemp('tokenizer') / 'tokenizer.model'
+  return tokenizer_lib.Tokenizer.train(world_lib.World().documents('train', 500), str(path), 512)
+
+
+@pytest.fixture(scope='module')
+def docs():
+  """Documents of 30-120 tokens: most span several 32-token rows."""
+  return world_lib.World(world_lib.WorldConfig(seed=5)).documents('train', 40)
+
+
+def _write_text_files(root):
+  """40 files of a few lines, with blank and whitespace-only lines, a repeated line, non-ASCII
+  text, and one blank file. Returns (per-file documents, per-line documents)."""
+  root.mkdir()
+  by_file, by_line = [], []
+  for i in range(40):
+    lines = [f'file {i} line {j}: naïve café {i * j}' for j in range(i % 4 + 1)]
+    lines += ['', '   ', 'the same line in every file']
+    text = '\n'.join(lines) + '\n'
+    if i == 7:
+      text = ' \n\n\t\n'  # nothing but whitespace: no document either way
+    (root / f'{i:02d}.txt').write_text(text, encoding='utf-8')
+    by_file += [text] if text.strip() else []
+    by_line += [line for line in text.splitlines() if line.strip()]
+  return by_file, by_line
+
+
+def _read_all(source):
+  return [tfds_builders.decode_text(source[i]) for i in range(len(source))]
+
+
+@pytest.mark.parametrize('split_by', ['file', 'line'])
+def test_local_text_splits_hold_every_document_exactly_once(tmp_path, split_by):
+  by_file, by_line = _write_text_files(tmp_path / 'text')
+  expected = by_file if split_by == 'file' else by_line
+  builder = tfds_builders.local_text_builder(str(tmp_path / 'text' / '*.txt'), split_by, 0.3,
+                                             str(tmp_path / 'tfds'))
+  train = _read_all(tfds_builders.prepared_source(builder, 'train'))
+  validation = _read_all(tfds_builders.prepared_source(builder, 'validation'))
+  assert collections.Counter(train) + collections.Counter(validation) == collections.Counter(
+      expected)
+  # ~30% of 39 or 135 documents, split by a hash of the (random) tmp path: both sides get some
+  # with probability > 1 - 1e-6.
+  assert train and validation
+
+
+def test_local_text_builder_config_names_follow_the_glob(tmp_path):
+  _write_text_files(tmp_path / 'text')
+  names = {tfds_builders.local_text_builder(str(tmp_path / 'text' / glob), 'line', 0.1,
+                                            str(tmp_path)).builder_config.name
+           for glob in ('*.txt', '0*.txt')}
+  assert len(names) == 2  # another glob never reuses data prepared for the first
+
+
+def test_a_glob_matching_nothing_raises_naming_the_glob(tmp_path):
+  pattern = str(tmp_path / 'missing_dir' / '*.txt')
+  with pytest.raises(FileNotFoundError, match='missing_dir'):
+    tfds_builders.local_text_builder(pattern, 'file', 0.1, str(tmp_path / 'tfds'))
+
+
+def test_an_unknown_split_by_raises_naming_the_field(tmp_path):
+  _write_text_files(tmp_path / 'text')
+  with pytest.raises(ValueError, match='split_by'):
+    tfds_builders.local_text_builder(str(tmp_path / 'text' / '*.txt'), 'paragraph', 0.1,
+                                     str(tmp_path / 'tfds'))
+
+
+def test_synthetic_world_builder_writes_the_world_documents(tmp_path):
+  builder = tfds_builders.synthetic_world_builder(3, 40, 10, str(tmp_path))
+  world = world_lib.World(world_lib.WorldConfig(seed=3))
+  for split, n in (('train', 40), ('validation', 10)):
+    got = _read_all(tfds_builders.prepared_source(builder, split))
+    # TFDS shuffles records by key when writing: compare as multisets.
+    assert sorted(got) == sorted(world.documents(split, n)), split
+
+
+def _unpack(batches, tokenizer):
+  """Checks every row's layout and returns the documents' (inputs, targets) in stream order.
+
+  A segment starting with bos starts a document; one that does not continues the previous
+  document and must open its row (concat-then-split carries a long document's tail over).
+  """
+  documents, continuations = [], 0
+  for batch in batches:
+    assert set(batch) == set(FIELDS)
+    for name in FIELDS:
+      assert batch[name].dtype == (np.float32 if name == 'weights' else np.int32), name
+      assert batch[name].shape == batch['inputs'].shape and batch[name].shape[1] == SEQ_LEN
+    np.testing.assert_array_equal(batch['weights'], batch['segment_ids'] > 0)
+    for row in range(len(batch['inputs'])):
+      seg = batch['segment_ids'][row]
+      used = int(np.count_nonzero(seg))
+      assert np.all(seg[used:] == 0)  # padding only at the end
+      assert np.all(np.diff(seg[:used]) >= 0) and np.all(np.diff(seg[:used]) <= 1)
+      assert used == 0 or seg[0] == 1
+      for segment_id in range(1, int(seg.max()) + 1):
+        where = seg == segment_id
+        inputs, targets = batch['inputs'][row][where], batch['targets'][row][where]
+        np.testing.assert_array_equal(batch['positions'][row][where], np.arange(len(inputs)))
+        if inputs[0] == tokenizer_lib.BOS_ID:
+          documents.append((inputs, targets))
+        else:
+          assert segment_id == 1, 'only a row can open with a continued document'
+          continuations += 1
+          documents[-1] = tuple(np.concatenate([a, b]) for a, b in zip(documents[-1],
+                                                                       (inputs, targets)))
+  return documents, continuations
+
+
+def _key(doc):
+  return tuple(doc[0].tolist()), tuple(doc[1].tolist())
+
+
+def _tokenized(tokenizer, texts):
+  out = []
+  for text in texts:
+    doc = pipeline.tokenize_document(tokenizer, text)
+    out.append((doc['inputs'], doc['targets']))
+  return out
+
+
+def test_packed_rows_unpack_to_the_tokenized_documents_in_order(tokenizer, docs):
+  ds = pipeline.packed_batches(grain.MapDataset.source(docs), tokenizer, SEQ_LEN, BATCH, seed=0,
+                               shuffle=False, repeat=False)
+  batches = list(ds)
+  assert all(len(b['inputs']) == BATCH for b in batches[:-1]) and len(batches[-1]['inputs']) <= BATCH
+  got, continuations = _unpack(batches, tokenizer)
+  assert continuations > 0  # long documents really were split across rows
+  want = _tokenized(tokenizer, docs)
+  assert [_key(d) for d in got] == [_key(d) for d in want]
+  # tokenize_document itself: [bos] doc [eos], shifted by one.
+  ids = [tokenizer_lib.BOS_ID] + tokenizer.encode(docs[0]) + [tokenizer_lib.EOS_ID]
+  assert _key(want[0]) == (tuple(ids[:-1]), tuple(ids[1:]))
+
+
+def test_each_process_reads_its_own_documents_and_together_all(tokenizer, docs):
+  got = []
+  for process_index in range(2):
+    ds = pipeline.packed_batches(grain.MapDataset.source(docs), tokenizer, SEQ_LEN, BATCH,
+                                 seed=0, shuffle=True, repeat=False, process_index=process_index,
+                                 process_count=2)
+    got.append(collections.Counter(_key(d) for d in _unpack(ds, tokenizer)[0]))
+    want = _tokenized(tokenizer, docs[process_index::2])
+    assert got[-1] == collections.Counter(_key(d) for d in want)
+  assert not set(got[0]) & set(got[1])
+  assert got[0] + got[1] == collections.Counter(_key(d) for d in _tokenized(tokenizer, docs))
+
+
+def _batches(tokenizer, docs, seed):
+  return pipeline.packed_batches(grain.MapDataset.source(docs), tokenizer, SEQ_LEN, BATCH,
+                                 seed=seed)
+
+
+def _assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    for name in FIELDS:
+      np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
+
+def test_iterator_state_survives_json_and_resumes_exactly(tokenizer, docs):
+  # 12 documents fill ~8 batches: the 16 batches read after each restore cross epoch boundaries,
+  # where the shuffle changes.
+  docs = docs[:12]
+  it = iter(_batches(tokenizer, docs, seed=0))
+  for consumed in (1, 3, 4, 6):
+    state = json.loads(json.dumps(it.get_state()))
+    want = [next(it) for _ in range(16)]
+    fresh = iter(_batches(tokenizer, docs, seed=0))
+    fresh.set_state(state)
+    _assert_same_batches([next(fresh) for _ in range(16)], want)
+    for _ in range(consumed):
+      next(it)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tokenizer, docs):
+  def first(seed):
+    it = iter(_batches(tokenizer, docs, seed))
+    return [next(it) for _ in range(5)]
+
+  _assert_same_batches(first(0), first(0))
+  a, b = first(0), first(1)
+  assert any(not np.array_equal(x['inputs'], y['inputs']) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize('source', ['text', 'world'])
+def test_prepared_sources_feed_the_pipeline_without_tensorflow(tmp_path, tokenizer, source):
+  _, by_line = _write_text_files(tmp_path / 'text')
+  config = base.get_config().data
+  config.update(source=source, text_glob=str(tmp_path / 'text' / '*.txt'), split_by='line',
+                validation_fraction=0.3, world_seed=2, num_train_docs=30, num_validation_docs=6)
+  train, validation = pipeline.text_sources(config, str(tmp_path / 'tfds'))
+  texts = [train[i] for i in range(len(train))] + [validation[i] for i in range(len(validation))]
+  assert all(isinstance(t, str) for t in texts)
+  if source == 'text':
+    assert collections.Counter(texts) == collections.Counter(by_line)
+  else:
+    world = world_lib.World(world_lib.WorldConfig(seed=2))
+    assert sorted(texts) == sorted(world.documents('train', 30) + world.documents('validation', 6))
+
+  ds = pipeline.packed_batches(train, tokenizer, SEQ_LEN, BATCH, seed=0, repeat=False)
+  got = collections.Counter(_key(d) for d in _unpack(ds, tokenizer)[0])
+  train_texts = [train[i] for i in range(len(train))]
+  assert got == collections.Counter(_key(d) for d in _tokenized(tokenizer, train_texts))
+  # The default install ships no TensorFlow; preparing and reading must never import it.
+  assert 'tensorflow' not in sys.modules
