@@ -9,6 +9,7 @@ A step that fails is moved aside (never deleted) with a warning.
 
 import hashlib
 import json
+import os
 import time
 
 import jax
@@ -87,7 +88,8 @@ class Checkpointer:
   """Saves and restores {'state': pytree, 'data': JSON-able iterator state}."""
 
   def __init__(self, directory: str, keep: int, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    # Orbax needs absolute paths; gs:// and other URLs already are.
+    self.directory = epath.Path(directory if '://' in directory else os.path.abspath(directory))
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
