@@ -24,6 +24,7 @@ from jaxlm import model as model_lib
 from jaxlm import perf
 from jaxlm import sharding
 from jaxlm import trainer
+from jaxlm.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
                                           'Path to a config file.')
@@ -40,7 +41,7 @@ def state_bytes_on_first_device(state) -> int:
 
 
 def benchmark(config, steps: int, vocab_size: int) -> dict:
-  configs.validate(config)
+  configs.validate(config, {'data.source': pipeline.SOURCES})
   tc, seq_len = config.train, config.data.seq_len
   model_config = model_lib.ModelConfig.from_config(config.model, vocab_size)
   model = model_lib.Transformer(model_config)

@@ -4,21 +4,14 @@ r"""Samples from the latest checkpoint of a workdir.
       --prompt="12 + 30 =" --temperature=0
 """
 
-import os
-
 import flax.linen as nn
 import jax
-import ml_collections
 from absl import app
 from absl import flags
 
-from jaxlm import checkpoint
-from jaxlm import configs
 from jaxlm import lm
 from jaxlm import metrics
-from jaxlm import model as model_lib
 from jaxlm import sharding
-from jaxlm import tokenizer as tokenizer_lib
 from jaxlm import trainer
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A pretraining workdir.', required=True)
@@ -33,25 +26,14 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 def main(argv):
   del argv
   metrics.configure_logging()
-  config = configs.load(_WORKDIR.value)
-  tokenizer = tokenizer_lib.Tokenizer.load(
-      config.tokenizer.path or os.path.join(_WORKDIR.value, 'tokenizer.model'))
-  model = model_lib.Transformer(lm.model_config(config, tokenizer))
+  config, tokenizer, model = lm.load_workdir(_WORKDIR.value)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     boxed = jax.eval_shape(lm.init_params_fn(model, 1), jax.random.PRNGKey(0))
-    abstract, _ = trainer.abstract_params(boxed, mesh)
-    checkpointer = checkpoint.Checkpointer(os.path.join(_WORKDIR.value, 'checkpoints'), keep=1)
-    restored = checkpointer.restore_params(abstract)
-    if restored is None:
-      raise FileNotFoundError(f'no usable checkpoint in {_WORKDIR.value}/checkpoints')
-    params, step = restored
-    sample_config = ml_collections.ConfigDict(dict(
-        sample_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-        top_p=_TOP_P.value))
-    texts = lm.sample(model, params, tokenizer, _PROMPTS.value, sample_config,
-                      jax.random.PRNGKey(_SEED.value))
-  print(f'Checkpoint at step {step}:')
+    params = lm.params_loader(_WORKDIR.value)(trainer.abstract_params(boxed, mesh)[0])
+    texts = lm.sample(model, params, tokenizer, _PROMPTS.value, jax.random.PRNGKey(_SEED.value),
+                      max_new_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
+                      top_k=_TOP_K.value, top_p=_TOP_P.value, batch_size=len(_PROMPTS.value))
   for prompt, text in zip(_PROMPTS.value, texts):
     print(f'{prompt!r} -> {text!r}')
 

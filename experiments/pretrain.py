@@ -29,7 +29,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the to
 
 
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
-  configs.validate(config)
+  configs.validate(config, {'data.source': pipeline.SOURCES})
   configs.save(config, workdir)
   train_docs, validation_docs = pipeline.text_sources(
       config.data, config.data.data_dir or os.path.join(workdir, 'tfds'))
@@ -39,10 +39,20 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   metrics.log(f'{model.config.num_params():,} parameters; vocabulary {tokenizer.vocab_size} '
               f'(embedding {model.config.vocab_size}); mesh {dict(mesh.shape)}.')
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    eval_batches = lm.eval_batches(validation_docs, tokenizer, config.data.seq_len,
-                                   config.eval.batch_size, config.eval.batches)
+    eval_batches = lm.fixed_batches(
+        pipeline.packed_batches(validation_docs, tokenizer, config.data.seq_len,
+                                config.eval.batch_size, seed=0, shuffle=False, repeat=False),
+        config.eval.batch_size, config.eval.batches)
+    evaluate_loss = lm.make_loss_evaluator(model, mesh, eval_batches, tokenizer.token_bytes())
     prompts = lm.sample_prompts(validation_docs, tokenizer, config.eval.num_samples,
                                 config.eval.prompt_tokens)
+
+    def evaluate(params, step):
+      texts = lm.sample(model, params, tokenizer, prompts, jax.random.PRNGKey(step),
+                        **lm.sampling_options(config.eval))
+      for prompt, text in zip(prompts, texts):
+        metrics.log(f'sample at step {step}: {prompt!r} -> {text!r}')
+      return evaluate_loss(params)
     stage = trainer.Stage(
         init_params=lm.init_params_fn(model, config.data.seq_len),
         loss_fn=trainer.language_model_loss(model, config.train.z_loss),
@@ -50,8 +60,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
             train_docs, tokenizer, config.data.seq_len,
             sharding.batch_size_per_process(config.train.batch_size, mesh), seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count()),
-        evaluate=lm.make_evaluate(model, tokenizer, mesh, eval_batches, prompts, config.eval,
-                                  metrics.log),
+        evaluate=evaluate,
         flops_per_token=model.config.flops_per_token(config.data.seq_len),
         tokens_per_row=config.data.seq_len)
     return trainer.train(config, workdir, stage, mesh)

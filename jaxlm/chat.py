@@ -54,3 +54,13 @@ def parse_answer(response: str) -> str | None:
   """The answer of a well-formed response, or None when it is off format."""
   match = _ANSWER.match(response)
   return match.group(1) if match else None
+
+
+def answer_metrics(replies: list[str], answers: list[str]) -> dict[str, float]:
+  """Format-following rate and exact-match accuracy of replies against reference answers."""
+  parsed = [parse_answer(reply) for reply in replies]
+  matches = [p is not None and p.strip().lower() == a.strip().lower()
+             for p, a in zip(parsed, answers)]
+  n = max(len(replies), 1)
+  return {'eval/format_rate': sum(p is not None for p in parsed) / n,
+          'eval/exact_match': sum(matches) / n}

@@ -7,7 +7,6 @@ import ml_collections
 
 from jaxlm import model as model_lib
 from jaxlm import tokenizer as tokenizer_lib
-from jaxlm.data import pipeline
 from jaxlm.data import tfds_builders
 
 CHOICES = {
@@ -16,7 +15,6 @@ CHOICES = {
     'model.param_dtype': tuple(model_lib.DTYPES),
     'model.attention_impl': model_lib.ATTENTION_IMPLEMENTATIONS,
     'tokenizer.type': tokenizer_lib.MODEL_TYPES,
-    'data.source': pipeline.SOURCES,
     'data.split_by': tfds_builders.SPLIT_BY,
 }
 POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_kv_heads',
@@ -26,20 +24,46 @@ POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_k
             'checkpoint.every', 'checkpoint.keep', 'log_every')
 
 
+NEEDED_BY_SOURCE = {'text': 'data.text_glob', 'tfds': 'data.tfds_name',
+                    'jsonl': 'data.jsonl_train'}
+_MISSING = object()
+
+
 def _get(config, dotted: str):
   for part in dotted.split('.'):
+    if part not in config:
+      return _MISSING
     config = config[part]
   return config
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first invalid field and what is allowed."""
-  for field, allowed in CHOICES.items():
-    if _get(config, field) not in allowed:
-      raise ValueError(f'config.{field} must be one of {allowed}, got {_get(config, field)!r}')
+def validate(config: ml_collections.ConfigDict, choices: dict | None = None) -> None:
+  """Raises ValueError naming the first invalid field and what is allowed.
+
+  Fields a config does not have are skipped; `choices` adds a binary's own enumerations.
+  """
+  for field, allowed in {**CHOICES, **(choices or {})}.items():
+    value = _get(config, field)
+    if value is not _MISSING and value not in allowed:
+      raise ValueError(f'config.{field} must be one of {allowed}, got {value!r}')
   for field in POSITIVE:
-    if not _get(config, field) > 0:
-      raise ValueError(f'config.{field} must be positive, got {_get(config, field)!r}')
+    value = _get(config, field)
+    if value is not _MISSING and not value > 0:
+      raise ValueError(f'config.{field} must be positive, got {value!r}')
+  if 'model' in config:
+    _validate_model(config)
+  if config.train.batch_size % config.train.grad_accum_steps:
+    raise ValueError(f'config.train.batch_size ({config.train.batch_size}) must be divisible by '
+                     f'config.train.grad_accum_steps ({config.train.grad_accum_steps})')
+  if not 0.0 <= config.train.min_lr_ratio <= 1.0:
+    raise ValueError(f'config.train.min_lr_ratio must be in [0, 1], got {config.train.min_lr_ratio}')
+  needed = NEEDED_BY_SOURCE.get(config.data.source)
+  if needed and not _get(config, needed):
+    raise ValueError(f'config.{needed} must be set when config.data.source is '
+                     f'{config.data.source!r}')
+
+
+def _validate_model(config) -> None:
   m = config.model
   if m.num_heads % m.num_kv_heads:
     raise ValueError(f'config.model.num_heads ({m.num_heads}) must be a multiple of '
@@ -49,15 +73,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.seq_len > m.max_seq_len:
     raise ValueError(f'config.data.seq_len ({config.data.seq_len}) exceeds '
                      f'config.model.max_seq_len ({m.max_seq_len})')
-  if config.train.batch_size % config.train.grad_accum_steps:
-    raise ValueError(f'config.train.batch_size ({config.train.batch_size}) must be divisible by '
-                     f'config.train.grad_accum_steps ({config.train.grad_accum_steps})')
-  if not 0.0 <= config.train.min_lr_ratio <= 1.0:
-    raise ValueError(f'config.train.min_lr_ratio must be in [0, 1], got {config.train.min_lr_ratio}')
-  if config.data.source == 'text' and not config.data.text_glob:
-    raise ValueError('config.data.text_glob must be set when config.data.source is "text"')
-  if config.data.source == 'tfds' and not config.data.tfds_name:
-    raise ValueError('config.data.tfds_name must be set when config.data.source is "tfds"')
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -8,7 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import chat
+from jaxlm import checkpoint
+from jaxlm import configs
 from jaxlm import losses
+from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
 from jaxlm import sampling
 from jaxlm import sharding
@@ -40,60 +44,66 @@ def init_params_fn(model: model_lib.Transformer, seq_len: int):
   return init_params
 
 
-def eval_batches(documents, tokenizer, seq_len: int, batch_size: int, num_batches: int):
-  """A fixed list of host batches from the start of the held-out split; the last one is padded
-  with weight-0 rows so every batch has the same shape."""
-  batches = []
-  for batch in pipeline.packed_batches(documents, tokenizer, seq_len, batch_size, seed=0,
-                                       shuffle=False, repeat=False):
+def fixed_batches(batches, batch_size: int, num_batches: int) -> list[dict]:
+  """The first `num_batches` host batches of an iterable; a short last batch is padded with
+  weight-0 rows so every batch has one shape (one compiled eval step)."""
+  out = []
+  for batch in batches:
     pad = batch_size - len(batch['inputs'])
-    batches.append({k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()})
-    if len(batches) == num_batches:
+    out.append({k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()})
+    if len(out) == num_batches:
       break
-  return batches
+  return out
 
 
-def make_evaluate(model, tokenizer, mesh, batches, sample_prompts, eval_config, log):
-  """(params, step) -> {'eval/loss', 'eval/bits_per_byte', 'eval/accuracy'}; logs samples."""
-  token_bytes = jnp.asarray(tokenizer.token_bytes())
-  token_bytes = jnp.pad(token_bytes, (0, model.config.vocab_size - len(token_bytes)))
+def make_loss_evaluator(model, mesh, batches: list[dict], token_bytes=None):
+  """params -> {'eval/loss', 'eval/accuracy'} over fixed batches, plus 'eval/bits_per_byte'
+  when `token_bytes` (bytes per token id) is given."""
+  if token_bytes is not None:
+    token_bytes = jnp.pad(jnp.asarray(token_bytes),
+                          (0, model.config.vocab_size - len(token_bytes)))
 
   @jax.jit
   def eval_step(params, batch):
     logits, _ = model.apply({'params': params}, batch['inputs'], batch['positions'],
                             batch['segment_ids'])
     sums = losses.cross_entropy(logits, batch['targets'], batch['weights'])
-    sums['bytes'] = jnp.sum(token_bytes[batch['targets']] * batch['weights'])
+    if token_bytes is not None:
+      sums['bytes'] = jnp.sum(token_bytes[batch['targets']] * batch['weights'])
     return sums
 
-  def evaluate(params, step):
+  def evaluate(params):
     totals = None
     for batch in batches:
       sums = eval_step(params, sharding.put_batch(batch, mesh))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
-    results = {
-        'eval/loss': totals['nll'] / totals['count'],
-        'eval/accuracy': totals['correct'] / totals['count'],
-        'eval/bits_per_byte': totals['nll'] / math.log(2) / max(totals['bytes'], 1),
-    }
-    if sample_prompts:
-      for prompt, text in zip(sample_prompts, sample(model, params, tokenizer, sample_prompts,
-                                                     eval_config, jax.random.PRNGKey(step))):
-        log(f'sample at step {step}: {prompt!r} -> {text!r}')
+    count = max(totals['count'], 1.0)
+    results = {'eval/loss': totals['nll'] / count, 'eval/accuracy': totals['correct'] / count}
+    if token_bytes is not None:
+      results['eval/bits_per_byte'] = totals['nll'] / math.log(2) / max(totals['bytes'], 1)
     return results
 
   return evaluate
 
 
-def complete(model, params, tokenizer, prompts: list, sample_config, rng,
+def sampling_options(eval_config) -> dict:
+  """`complete`'s keyword arguments from an eval config."""
+  return dict(max_new_tokens=eval_config.sample_tokens, temperature=eval_config.temperature,
+              top_k=eval_config.top_k, top_p=eval_config.top_p,
+              batch_size=eval_config.get('batch_size_generation', 64))
+
+
+def complete(model, params, tokenizer, prompts: list, rng, *, max_new_tokens: int,
+             temperature: float, top_k: int, top_p: float, batch_size: int,
              eos_id: int = tokenizer_lib.EOS_ID) -> list[list[int]]:
   """Generated ids (without eos) for each prompt (a list of ids).
 
   Prompts go in fixed-size batches padded to a multiple of 32 tokens, so repeated evaluations
   reuse one compiled sampler.
   """
-  batch_size = sample_config.get('batch_size', 64)
+  if not prompts:
+    return []
   width = -(-max(len(p) for p in prompts) // 32) * 32
   results = []
   for start in range(0, len(prompts), batch_size):
@@ -104,19 +114,50 @@ def complete(model, params, tokenizer, prompts: list, sample_config, rng,
       padded[row, :len(ids)], lengths[row] = ids, len(ids)
     tokens, ends = jax.device_get(sampling.generate(
         model, params, jnp.asarray(padded), jnp.asarray(lengths), jax.random.fold_in(rng, start),
-        max_new_tokens=sample_config.sample_tokens, temperature=sample_config.temperature,
-        top_k=sample_config.top_k, top_p=sample_config.top_p, eos_id=eos_id,
-        vocab_size=tokenizer.vocab_size))
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_id=eos_id, vocab_size=tokenizer.vocab_size))
     results += [[int(t) for t in tokens[row, lengths[row]:ends[row]] if t != eos_id]
                 for row in range(len(chunk))]
   return results
 
 
-def sample(model, params, tokenizer, prompts: list[str], sample_config, rng) -> list[str]:
+def sample(model, params, tokenizer, prompts: list[str], rng, **options) -> list[str]:
   """Continuations of text `prompts` (each starts from bos), decoded up to eos."""
   encoded = [[tokenizer_lib.BOS_ID] + tokenizer.encode(p) for p in prompts]
-  return [tokenizer.decode(ids)
-          for ids in complete(model, params, tokenizer, encoded, sample_config, rng)]
+  return [tokenizer.decode(ids) for ids in complete(model, params, tokenizer, encoded, rng,
+                                                    **options)]
+
+
+def replies(model, params, tokenizer, conversations: list[list[dict]], rng,
+            **options) -> list[str]:
+  """The assistant's next reply to each conversation, generated up to its end-of-turn token."""
+  prompts = [chat.encode(tokenizer, messages, add_generation_prompt=True)[0].tolist()
+             for messages in conversations]
+  return [tokenizer.decode(ids) for ids in complete(
+      model, params, tokenizer, prompts, rng, eos_id=chat.end_of_turn_id(tokenizer), **options)]
+
+
+def load_workdir(workdir: str):
+  """(config, tokenizer, model) of a finished run, to start a later stage from it."""
+  config = configs.load(workdir)
+  tokenizer = tokenizer_lib.Tokenizer.load(
+      config.tokenizer.path or os.path.join(workdir, 'tokenizer.model'))
+  return config, tokenizer, model_lib.Transformer(model_config(config, tokenizer))
+
+
+def params_loader(workdir: str):
+  """abstract params -> the params of the newest verified checkpoint in `workdir`, placed on the
+  mesh the abstract params carry. A missing checkpoint or another architecture is an error."""
+  def load(abstract_params):
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=1)
+    restored = checkpointer.restore_params(abstract_params)
+    checkpointer.close()
+    if restored is None:
+      raise FileNotFoundError(f'no usable checkpoint in {workdir}/checkpoints')
+    params, step = restored
+    metrics_lib.log(f'Loaded the parameters of {workdir} at step {step}.')
+    return params
+  return load
 
 
 def sample_prompts(documents, tokenizer, num: int, prompt_tokens: int) -> list[str]:

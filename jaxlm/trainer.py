@@ -123,6 +123,8 @@ class Stage:
   evaluate: Callable[[Any, int], dict[str, float]]  # (params, step) -> metrics
   flops_per_token: float
   tokens_per_row: int
+  # abstract params -> starting params (e.g. a previous stage's checkpoint); None: init_params.
+  load_params: Callable[[Any], Any] | None = None
 
 
 def abstract_params(boxed_shapes, mesh):
@@ -182,7 +184,9 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
   restored = checkpointer.restore_latest(abstract)
   if restored is None:
     state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
-    metrics_lib.log(f'Starting from scratch in {workdir}.')
+    if stage.load_params is not None:
+      state = state.replace(params=stage.load_params(abstract.params))
+    metrics_lib.log(f'Starting a new run in {workdir}.')
   else:
     state, data_state, step = restored
     data_iterator.set_state(data_state)
@@ -192,6 +196,10 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
                        out_shardings=(shardings, None), donate_argnums=(0,))
   writer = metrics_lib.MetricsWriter(workdir)
   start_step = int(state.step)
+  if restored is None and config.get('eval_at_start'):
+    scalars = stage.evaluate(state.params, 0)
+    writer.write(0, scalars)
+    metrics_lib.log('before training: ' + ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
   progress = metrics_lib.Progress(tc.steps, start_step)
   peak, _ = perf.peak_flops_per_device()
   if jax.devices()[0].platform != 'cpu':

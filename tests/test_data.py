@@ -62,9 +62,26 @@ def test_local_text_splits_hold_every_document_exactly_once(tmp_path, split_by):
   validation = _read_all(tfds_builders.prepared_source(builder, 'validation'))
   assert collections.Counter(train) + collections.Counter(validation) == collections.Counter(
       expected)
-  # ~30% of 39 or 135 documents, split by a hash of the (random) tmp path: both sides get some
-  # with probability > 1 - 1e-6.
-  assert train and validation
+  # Documents go to validation by a hash of the (random) tmp path, so the share is binomial:
+  # within 5 sigma of 0.3 but for one run in a million (and a swapped split, 0.7, is outside).
+  share, n = len(validation) / len(expected), len(expected)
+  assert abs(share - 0.3) < 5 * np.sqrt(0.3 * 0.7 / n), (share, n)
+
+
+def test_adding_files_keeps_every_document_in_its_split(tmp_path):
+  """The split hashes each document's file path, so new files never move old documents."""
+  _write_text_files(tmp_path / 'text')
+  splits = []
+  for round_ in range(2):
+    if round_:
+      for i in range(40, 60):
+        (tmp_path / 'text' / f'{i:02d}.txt').write_text(f'new file {i}\nsecond line {i}\n')
+    builder = tfds_builders.local_text_builder(str(tmp_path / 'text' / '*.txt'), 'line', 0.3,
+                                               str(tmp_path / f'tfds{round_}'))
+    splits.append({split: set(_read_all(tfds_builders.prepared_source(builder, split)))
+                   for split in ('train', 'validation')})
+  assert splits[0]['train'] < splits[1]['train']
+  assert splits[0]['validation'] < splits[1]['validation']
 
 
 def test_local_text_builder_config_names_follow_the_glob(tmp_path):
@@ -146,7 +163,8 @@ def test_packed_rows_unpack_to_the_tokenized_documents_in_order(tokenizer, docs)
   ds = pipeline.packed_batches(grain.MapDataset.source(docs), tokenizer, SEQ_LEN, BATCH, seed=0,
                                shuffle=False, repeat=False)
   batches = list(ds)
-  assert all(len(b['inputs']) == BATCH for b in batches[:-1]) and len(batches[-1]['inputs']) <= BATCH
+  assert all(len(b['inputs']) == BATCH for b in batches[:-1])  # without repeat, the last batch
+  assert 0 < len(batches[-1]['inputs']) <= BATCH                # may be short
   got, continuations = _unpack(batches, tokenizer)
   assert continuations > 0  # long documents really were split across rows
   want = _tokenized(tokenizer, docs)
@@ -181,19 +199,33 @@ def _assert_same_batches(a, b):
       np.testing.assert_array_equal(x[name], y[name], err_msg=name)
 
 
-def test_iterator_state_survives_json_and_resumes_exactly(tokenizer, docs):
-  # 12 documents fill ~8 batches: the 16 batches read after each restore cross epoch boundaries,
-  # where the shuffle changes.
+def _check_resume(tokenizer, docs, through_json):
+  """At each of the first 12 batches, a fresh iterator set to the live one's state must give the
+  next 8 batches of an uninterrupted run. 12 documents fill ~8 batches, so these cross epoch
+  boundaries, where the shuffle changes."""
   docs = docs[:12]
+  reference = iter(_batches(tokenizer, docs, seed=0))
+  expected = [next(reference) for _ in range(20)]
   it = iter(_batches(tokenizer, docs, seed=0))
-  for consumed in (1, 3, 4, 6):
-    state = json.loads(json.dumps(it.get_state()))
-    want = [next(it) for _ in range(16)]
+  for position in range(12):
+    state = it.get_state()
+    if through_json:
+      state = json.loads(json.dumps(state))  # as the checkpoint (orbax JsonSave) stores it
     fresh = iter(_batches(tokenizer, docs, seed=0))
     fresh.set_state(state)
-    _assert_same_batches([next(fresh) for _ in range(16)], want)
-    for _ in range(consumed):
-      next(it)
+    _assert_same_batches([next(fresh) for _ in range(8)], expected[position:position + 8])
+    _assert_same_batches([next(it)], expected[position:position + 1])  # get_state disturbs nothing
+
+
+def test_iterator_state_resumes_exactly(tokenizer, docs):
+  _check_resume(tokenizer, docs, through_json=False)
+
+
+@pytest.mark.xfail(strict=True, reason='library bug: a state with no remainder (e.g. before the '
+                   'first batch) loses its (-1, -1) tuples in JSON, and set_state then skips a '
+                   'document')
+def test_iterator_state_survives_a_json_round_trip(tokenizer, docs):
+  _check_resume(tokenizer, docs, through_json=True)
 
 
 def test_same_seed_same_batches_other_seed_other_batches(tokenizer, docs):

@@ -96,7 +96,7 @@ def test_changing_a_future_token_changes_only_later_logits(scan_layers):
   params = _params(config)
   tokens = _tokens()
   t = 9
-  changed = tokens.at[:, t].set((tokens[:, t] + 1 - 3) % (VOCAB - 3) + 3)
+  changed = tokens.at[:, t].set(3 + (tokens[:, t] - 3 + 1) % (VOCAB - 3))  # another id in [3, V)
   before, after = _forward(config)(params, tokens), _forward(config)(params, changed)
   np.testing.assert_allclose(after[:, :t], before[:, :t], rtol=0, atol=MASKED_ATOL)
   # Every position from t on sees the changed token, so each must move.
@@ -133,7 +133,8 @@ def test_packed_documents_match_each_document_alone(scan_layers, num_kv_heads):
 
   for i, n in enumerate(lengths):
     packed, alone = logits[0, starts[i]:starts[i + 1]], logits[2 + i, :n]
-    np.testing.assert_allclose(packed, alone, rtol=0, atol=REORDER_ATOL, err_msg=f'document {i + 1}')
+    np.testing.assert_allclose(packed, alone, rtol=0, atol=REORDER_ATOL,
+                               err_msg=f'document {i + 1}')
     if i > 0:  # the comparison is sensitive to a leak between documents, so it can fail
       assert np.abs(logits[1, starts[i]:starts[i + 1]] - alone).max() > 1e-2
 
@@ -147,12 +148,13 @@ def test_scanned_and_unrolled_layers_agree_on_the_same_params(num_kv_heads):
   assert (jax.tree.map(jnp.shape, unrolled_params) ==
           jax.tree.map(lambda s: s.shape, _param_shapes(unrolled)))
   tokens = _tokens()
-  np.testing.assert_allclose(_forward(unrolled)(unrolled_params, tokens),
-                             _forward(scanned)(params, tokens), rtol=0, atol=REORDER_ATOL)
+  want = np.asarray(_forward(scanned)(params, tokens))
+  np.testing.assert_allclose(_forward(unrolled)(unrolled_params, tokens), want, rtol=0,
+                             atol=REORDER_ATOL)
   # Swapping the two layers must change the output, or the comparison above proves nothing.
   swapped = dict(unrolled_params, layer_0=unrolled_params['layer_1'],
                  layer_1=unrolled_params['layer_0'])
-  assert np.abs(_forward(unrolled)(swapped, tokens) - _forward(scanned)(params, tokens)).max() > 1e-2
+  assert np.abs(_forward(unrolled)(swapped, tokens) - want).max() > 1e-2
 
 
 @pytest.mark.parametrize('scan_layers', [True, False])

@@ -54,11 +54,11 @@ def test_tiny_pretraining_learns_far_beyond_unigram_statistics(tmp_path):
        '--prompt=The pet of', '--temperature=0', '--max_tokens=8'],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert generated.returncode == 0, generated.stderr
-  assert 'Checkpoint at step 200:' in generated.stdout
+  assert 'Loaded the parameters of' in generated.stdout and 'at step 200' in generated.stdout
   assert "'The pet of' -> '" in generated.stdout
 
 
-def test_pretraining_reads_local_text_files(tmp_path):
+def test_pretraining_reads_local_text_files_into_a_relative_workdir(tmp_path, monkeypatch):
   corpus = tmp_path / 'corpus'
   corpus.mkdir()
   for i in range(30):
@@ -67,8 +67,10 @@ def test_pretraining_reads_local_text_files(tmp_path):
                                           'data.text_glob': str(corpus / '*.txt'),
                                           'data.validation_fraction': 0.2,
                                           'tokenizer.vocab_size': 300})
-  state = pretrain.train_and_evaluate(config, str(tmp_path / 'work'))
+  monkeypatch.chdir(tmp_path)
+  state = pretrain.train_and_evaluate(config, 'work')
   assert int(state.step) == 2
+  assert os.listdir(tmp_path / 'work' / 'checkpoints') == ['2']
 
 
 @pytest.mark.parametrize('field, value, message', [
@@ -80,7 +82,7 @@ def test_pretraining_reads_local_text_files(tmp_path):
 ])
 def test_an_invalid_config_names_the_field(field, value, message):
   with pytest.raises(ValueError, match=re.escape(message)):
-    configs.validate(tiny_config.config(**{field: value}))
+    configs.validate(tiny_config.config(**{field: value}), {'data.source': pipeline.SOURCES})
 
 
 def test_a_wrong_flag_fails_before_training_with_the_field_named(tmp_path):

@@ -173,17 +173,22 @@ def test_top_p_applies_to_the_top_k_renormalised_distribution():
 
 
 NUM_SAMPLES = 8192
+TEMPERATURE, TOP_K = 0.8, 20
 
 
 @pytest.fixture(scope='module')
 def first_tokens(params, prompts):
-  """The first sampled token of NUM_SAMPLES copies of prompt 0, at temperature 1, two keys."""
+  """The first sampled token of NUM_SAMPLES copies of prompt 0, for keys 0, 0 again and 1.
+
+  Temperature 0.8 and top-k 20 rather than plain sampling, so the test also sees that
+  `generate` applies the filters before drawing.
+  """
   batch = np.repeat(prompts[:1], NUM_SAMPLES, axis=0)
   lengths = np.full(NUM_SAMPLES, PROMPT_LENGTHS[0])
   out = {}
   for name, key in [('a', 0), ('a_again', 0), ('b', 1)]:
-    tokens, _ = _generate(params, batch, lengths, jax.random.PRNGKey(key), temperature=1.0,
-                          max_new_tokens=1)
+    tokens, _ = _generate(params, batch, lengths, jax.random.PRNGKey(key),
+                          temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=1)
     out[name] = tokens[:, PROMPT_LENGTHS[0]]
   return out
 
@@ -204,15 +209,26 @@ def _chi2_p_value(samples, probs):
   return stats.chisquare(observed, expected).pvalue
 
 
-def test_sampled_first_tokens_follow_the_softmax(params, prompts, first_tokens):
+def _softmax(logits):
+  p = np.exp(logits - logits.max())
+  return p / p.sum()
+
+
+def test_sampled_first_tokens_follow_the_filtered_softmax(params, prompts, first_tokens):
   n = PROMPT_LENGTHS[0]
   logits = np.asarray(_full_logits(params, jnp.asarray(prompts[:1]), n)[n - 1], np.float64)
-  probs = np.exp(logits - logits.max())
-  probs /= probs.sum()
-  # With the right distribution the p-value is uniform on [0, 1]: below 1e-6 one run in a
-  # million (and the keys are fixed, so a pass stays a pass).
+  top_k = np.argsort(logits)[-TOP_K:]
+  rank = np.full(VOCAB, -1)
+  rank[top_k] = np.arange(TOP_K)  # token -> its index in top_k; -1 for filtered-out tokens
+  probs = _softmax(logits[top_k] / TEMPERATURE)
   for name in ('a', 'b'):
-    assert _chi2_p_value(first_tokens[name], probs) > 1e-6, name
-  # The test has power: the same samples reject temperature 0.8 or 1.25, and the uniform.
-  for wrong in (probs**1.25, probs**0.8, np.ones_like(probs)):
-    assert _chi2_p_value(first_tokens['a'], wrong / wrong.sum()) < 1e-6
+    samples = rank[first_tokens[name]]
+    assert np.all(samples >= 0), name  # never a token that top-k removed
+    # With the right distribution the p-value is uniform on [0, 1]: below 1e-6 one run in a
+    # million (and the keys are fixed, so a pass stays a pass).
+    assert _chi2_p_value(samples, probs) > 1e-6, name
+  # The test has power: the same samples reject temperature 1 or 0.64, and the uniform.
+  samples = rank[first_tokens['a']]
+  for wrong in (_softmax(logits[top_k]), _softmax(logits[top_k] / TEMPERATURE**2),
+                np.full(TOP_K, 1 / TOP_K)):
+    assert _chi2_p_value(samples, wrong) < 1e-6

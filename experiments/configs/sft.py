@@ -1,0 +1,44 @@
+"""Supervised fine-tuning of a pretrained workdir: `--config.init_workdir=runs/tiny`.
+
+The model and tokenizer come from that workdir; the loss counts assistant tokens only.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.init_workdir = ''  # the pretraining (or an earlier SFT) workdir to start from
+  c.log_every = 25
+  c.eval_every = 100  # 0: only at the end
+  c.eval_at_start = True  # evaluate the starting model first: the "before" numbers
+
+  c.data = ml_collections.ConfigDict(dict(
+      source='world',  # world | jsonl | tfds
+      seq_len=128,
+      # The built-in world (its seed comes from the pretraining config).
+      num_train=20_000, num_eval=256,
+      # JSONL: {"messages": [...]} or {"prompt": ..., "response": ...} per line.
+      jsonl_train='', jsonl_eval='',
+      # A TFDS dataset prepared as ArrayRecord with the same fields.
+      tfds_name='', tfds_data_dir='', tfds_train_split='train', tfds_eval_split='validation',
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=300, batch_size=32, grad_accum_steps=1,
+      learning_rate=1e-3, warmup_steps=20, min_lr_ratio=0.1,
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay_embeddings=False, grad_clip=1.0,
+      z_loss=0.0,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      batches=4, batch_size=32,  # held-out loss
+      # Generation on held-out prompts: greedy by default.
+      num_prompts=256, batch_size_generation=128, sample_tokens=16, temperature=0.0, top_k=0,
+      top_p=1.0, num_samples=4,
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2, async_save=True))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
+  return c

@@ -1,0 +1,86 @@
+r"""Supervised fine-tuning: teaches a pretrained model to answer in the chat format.
+
+  python -m experiments.sft --config=experiments/configs/sft.py --workdir=runs/sft \
+      --config.init_workdir=runs/tiny
+
+The loss counts assistant tokens only. Evaluation reports held-out loss, and the format-following
+rate and exact-match accuracy of greedy replies to held-out prompts (before training too).
+"""
+
+import flax.linen as nn
+import jax
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from jaxlm import configs
+from jaxlm import lm
+from jaxlm import metrics
+from jaxlm import post_training
+from jaxlm import sharding
+from jaxlm import trainer
+from jaxlm.data import post_training as data_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/sft.py',
+                                          'Path to a config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics go here.',
+                               required=True)
+
+
+def conversation_rows(tokenizer, examples, seq_len, what):
+  rows, stats = data_lib.tokenize_conversations(tokenizer, examples, seq_len)
+  if not rows:
+    raise ValueError(f'no {what} conversation has a reply token within {seq_len} tokens')
+  metrics.log(f'{what}: {stats["conversations"]} conversations, {stats["truncated"]} truncated '
+              f'to {seq_len} tokens, {stats["dropped"]} dropped (no reply token left).')
+  return rows
+
+
+def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
+  configs.validate(config, {'data.source': data_lib.SOURCES})
+  tokenizer, model, world = post_training.start_from(config, workdir)
+  configs.validate(config)  # the model section now comes from the starting workdir
+  configs.save(config, workdir)
+  train_examples = post_training.examples(config.data, 'train', world,
+                                          data_lib.conversation_from_record,
+                                          data_lib.world_sft_examples)
+  eval_examples = post_training.examples(config.data, 'eval', world,
+                                         data_lib.conversation_from_record,
+                                         data_lib.world_sft_examples)
+  seq_len = config.data.seq_len
+  train_rows = conversation_rows(tokenizer, train_examples, seq_len, 'train')
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    evaluate_loss = lambda params: {}
+    if eval_examples:
+      eval_batches = lm.fixed_batches(
+          data_lib.packed_conversation_batches(
+              conversation_rows(tokenizer, eval_examples, seq_len, 'eval'), seq_len,
+              config.eval.batch_size, seed=0, shuffle=False, repeat=False),
+          config.eval.batch_size, config.eval.batches)
+      evaluate_loss = lm.make_loss_evaluator(model, mesh, eval_batches)
+    evaluate_answers = post_training.make_answer_evaluator(model, tokenizer, eval_examples,
+                                                           config.eval)
+    stage = trainer.Stage(
+        init_params=lm.init_params_fn(model, seq_len),
+        load_params=lm.params_loader(config.init_workdir),
+        loss_fn=trainer.language_model_loss(model, config.train.z_loss),
+        train_batches=data_lib.packed_conversation_batches(
+            train_rows, seq_len, sharding.batch_size_per_process(config.train.batch_size, mesh),
+            seed=config.seed, process_index=jax.process_index(),
+            process_count=jax.process_count()),
+        evaluate=lambda params, step: {**evaluate_loss(params),
+                                       **evaluate_answers(params, step)},
+        flops_per_token=model.config.flops_per_token(seq_len),
+        tokens_per_row=seq_len)
+    return trainer.train(config, workdir, stage, mesh)
+
+
+def main(argv):
+  del argv
+  metrics.configure_logging()
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
