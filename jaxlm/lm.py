@@ -49,7 +49,7 @@ def fixed_batches(batches, batch_size: int, num_batches: int) -> list[dict]:
   weight-0 rows so every batch has one shape (one compiled eval step)."""
   out = []
   for batch in batches:
-    pad = batch_size - len(batch['inputs'])
+    pad = batch_size - len(next(iter(batch.values())))
     out.append({k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()})
     if len(out) == num_batches:
       break
@@ -146,9 +146,11 @@ def load_workdir(workdir: str):
 
 
 def params_loader(workdir: str):
-  """abstract params -> the params of the newest verified checkpoint in `workdir`, placed on the
-  mesh the abstract params carry. A missing checkpoint or another architecture is an error."""
-  def load(abstract_params):
+  """params -> the params of the newest verified checkpoint in `workdir`, with the shapes and
+  shardings of the given ones. A missing checkpoint or another architecture is an error."""
+  def load(like_params):
+    abstract_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_params)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=1)
     restored = checkpointer.restore_params(abstract_params)
     checkpointer.close()

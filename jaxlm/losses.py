@@ -35,3 +35,22 @@ def token_log_probs(logits_BxLxV, targets_BxL):
   logits = logits_BxLxV.astype(jnp.float32)
   return (jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
           - jax.nn.logsumexp(logits, axis=-1))
+
+
+def bradley_terry(reward_chosen_B, reward_rejected_B, margin: float = 0.0,
+                  centering: float = 0.0):
+  """Pairwise preference loss `-log σ(r_chosen − r_rejected − margin)`, plus
+  `centering * (r_chosen + r_rejected)^2`, which keeps rewards near zero.
+
+  Returns sums over pairs: `loss`, `correct` (r_chosen > r_rejected), `reward_gap`, `count`.
+  """
+  chosen = reward_chosen_B.astype(jnp.float32)
+  rejected = reward_rejected_B.astype(jnp.float32)
+  gap = chosen - rejected
+  loss = -jax.nn.log_sigmoid(gap - margin) + centering * jnp.square(chosen + rejected)
+  return {
+      'loss': jnp.sum(loss),
+      'correct': jnp.sum(gap > 0),
+      'reward_gap': jnp.sum(gap),
+      'count': jnp.asarray(gap.shape[0], jnp.float32),
+  }

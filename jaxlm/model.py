@@ -235,3 +235,21 @@ class Transformer(nn.Module):
 def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> dict[str, Any]:
   shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
   return {'k': jnp.zeros(shape, DTYPES[config.dtype]), 'v': jnp.zeros(shape, DTYPES[config.dtype])}
+
+
+class ScalarHeadModel(nn.Module):
+  """The transformer with a scalar read-out per position: reward models read it at a sequence's
+  last token, value functions at every token. Parameters: {'transformer': ..., 'head': ...}, so
+  the backbone loads from any language-model checkpoint."""
+  config: ModelConfig
+
+  def setup(self):
+    self.transformer = Transformer(self.config)
+    self.head = nn.Dense(1, dtype=jnp.float32, param_dtype=DTYPES[self.config.param_dtype],
+                         kernel_init=_param(nn.initializers.zeros, ('embed', None)))
+
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None):
+    if self.is_initializing():  # create the unembedding too, to match language-model checkpoints
+      self.transformer(tokens_BxL, positions_BxL, segment_ids_BxL)
+    hidden_BxLxD, _ = self.transformer.hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL)
+    return self.head(hidden_BxLxD.astype(jnp.float32))[..., 0]

@@ -123,7 +123,7 @@ class Stage:
   evaluate: Callable[[Any, int], dict[str, float]]  # (params, step) -> metrics
   flops_per_token: float
   tokens_per_row: int
-  # abstract params -> starting params (e.g. a previous stage's checkpoint); None: init_params.
+  # freshly initialised params -> starting params (e.g. from a previous stage's checkpoint).
   load_params: Callable[[Any], Any] | None = None
 
 
@@ -185,7 +185,7 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
   if restored is None:
     state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
     if stage.load_params is not None:
-      state = state.replace(params=stage.load_params(abstract.params))
+      state = state.replace(params=stage.load_params(state.params))
     metrics_lib.log(f'Starting a new run in {workdir}.')
   else:
     state, data_state, step = restored

@@ -1,0 +1,16 @@
+"""Reward-model training from an SFT (or pretraining) workdir: `--config.init_workdir=runs/sft`."""
+
+from experiments.configs import sft
+
+
+def get_config():
+  c = sft.get_config()
+  c.data.update(num_train=20_000, num_eval=512)
+  # Preference pairs of the built-in world: what the rejected reply is, in these proportions.
+  c.data.rejection_proportions = dict(wrong=0.5, off_format=0.25, rambling=0.25)
+  c.train.update(steps=300, batch_size=32, learning_rate=3e-4, warmup_steps=20)
+  c.loss_margin = 0.0
+  c.loss_centering = 0.01  # keeps rewards centred on zero
+  c.eval = c.eval.__class__(dict(batch_size=64, batches=8, stats_pairs=1024))
+  c.eval_at_start = False
+  return c

@@ -1,0 +1,132 @@
+r"""Reward-model training on preference pairs (Bradley–Terry), and scoring.
+
+  python -m experiments.reward_model --config=experiments/configs/reward_model.py \
+      --workdir=runs/rm --config.init_workdir=runs/sft
+  python -m experiments.reward_model --workdir=runs/rm --score=conversations.jsonl
+
+The backbone starts from the given workdir; a scalar head reads the reply's last token. At the
+end the mean and std of rewards over training pairs go to `reward_stats.json` for RL.
+"""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from jaxlm import configs
+from jaxlm import lm
+from jaxlm import metrics
+from jaxlm import model as model_lib
+from jaxlm import post_training
+from jaxlm import reward
+from jaxlm import sharding
+from jaxlm import trainer
+from jaxlm.data import post_training as data_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/reward_model.py',
+                                          'Path to a config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics go here.',
+                               required=True)
+_SCORE = flags.DEFINE_string(
+    'score', None, 'Score this JSONL file of conversations ({"messages": [...]} ending in the '
+    'reply, or {"prompt": ..., "response": ...}) with the model in --workdir; prints JSON lines.')
+
+
+def _world_pairs(config):
+  return lambda world, split, num: data_lib.world_preference_pairs(
+      world, split, num, dict(config.data.rejection_proportions), config.seed)
+
+
+def _pair_metrics(model, mesh, batches):
+  """params -> held-out pairwise accuracy, reward gap and loss over fixed batches."""
+  @jax.jit
+  def eval_step(params, batch):
+    chosen, rejected = reward.pair_rewards(model, params, batch)
+    valid = batch['valid']
+    gap = (chosen - rejected) * valid
+    return {'correct': jnp.sum((gap > 0) * valid), 'gap': jnp.sum(gap),
+            'nll': jnp.sum(-jax.nn.log_sigmoid(chosen - rejected) * valid),
+            'count': jnp.sum(valid), 'rewards': jnp.concatenate([chosen, rejected])}
+
+  def evaluate(params):
+    totals, values = None, []
+    for batch in batches:
+      out = eval_step(params, sharding.put_batch(batch, mesh))
+      values.append(out.pop('rewards'))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    return {'eval/pairwise_accuracy': totals['correct'] / totals['count'],
+            'eval/reward_gap': totals['gap'] / totals['count'],
+            'eval/loss': totals['nll'] / totals['count']}, values
+
+  return evaluate
+
+
+def _padded_batches(rows, batch_size, num_batches):
+  batches = lm.fixed_batches(
+      ({**b, 'valid': np.ones(len(b['chosen']), np.float32)}
+       for b in reward.pair_batches(rows, batch_size, seed=0, shuffle=False, repeat=False)),
+      batch_size, num_batches)
+  return batches
+
+
+def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
+  configs.validate(config, {'data.source': data_lib.SOURCES})
+  tokenizer, base_model, world = post_training.start_from(config, workdir)
+  configs.validate(config)
+  configs.save(config, workdir)
+  model = model_lib.ScalarHeadModel(base_model.config)
+  seq_len = config.data.seq_len
+  pairs = {split: post_training.examples(config.data, split, world,
+                                         data_lib.preference_from_record, _world_pairs(config))
+           for split in ('train', 'eval')}
+  train_rows = reward.pair_rows(tokenizer, pairs['train'], seq_len, 'train')
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    evaluate_pairs = None
+    if pairs['eval']:
+      evaluate_pairs = _pair_metrics(model, mesh, _padded_batches(
+          reward.pair_rows(tokenizer, pairs['eval'], seq_len, 'eval'), config.eval.batch_size,
+          config.eval.batches))
+    load_backbone = lm.params_loader(config.init_workdir)
+    stage = trainer.Stage(
+        init_params=lm.init_params_fn(model, seq_len),
+        load_params=lambda params: {**params, 'transformer': load_backbone(params['transformer'])},
+        loss_fn=reward.bradley_terry_loss(model, config.loss_margin, config.loss_centering),
+        train_batches=reward.pair_batches(
+            train_rows, sharding.batch_size_per_process(config.train.batch_size, mesh),
+            seed=config.seed, process_index=jax.process_index(),
+            process_count=jax.process_count()),
+        evaluate=lambda params, step: evaluate_pairs(params)[0] if evaluate_pairs else {},
+        flops_per_token=model.config.flops_per_token(seq_len),
+        tokens_per_row=2 * seq_len)
+    state = trainer.train(config, workdir, stage, mesh)
+    # Statistics over training pairs, for RL to normalise rewards with.
+    stats_batches = _padded_batches(train_rows[:config.eval.stats_pairs], config.eval.batch_size,
+                                    config.eval.stats_pairs)
+    _, values = _pair_metrics(model, mesh, stats_batches)(state.params)
+    valid = np.concatenate([np.tile(b['valid'], 2) for b in stats_batches]) > 0
+    stats = reward.save_stats(workdir, np.concatenate(jax.device_get(values))[valid])
+    metrics.log(f'reward statistics over {stats["num_scored"]} training replies: mean '
+                f'{stats["mean"]:.3f}, std {stats["std"]:.3f}')
+  return state
+
+
+def main(argv):
+  del argv
+  metrics.configure_logging()
+  if _SCORE.value:
+    records = data_lib.from_jsonl(_SCORE.value, data_lib.conversation_from_record)
+    for result in reward.score(_WORKDIR.value, [r['messages'] for r in records]):
+      print(json.dumps(result))
+    return
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

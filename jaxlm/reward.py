@@ -1,0 +1,132 @@
+"""Reward models: preference pairs as padded rows, the Bradley–Terry loss, scoring.
+
+A conversation's reward is the scalar head's output at its last token (the reply's end-of-turn).
+"""
+
+import json
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import chat
+from jaxlm import losses
+from jaxlm import metrics
+
+STATS_FILE = 'reward_stats.json'
+
+
+def encode_scored(tokenizer, messages: list[dict], seq_len: int):
+  """(tokens padded to seq_len, last index) of a conversation ending in the reply scored; None
+  when it does not fit."""
+  tokens, _ = chat.encode(tokenizer, messages)
+  if len(tokens) > seq_len:
+    return None
+  return np.pad(tokens, (0, seq_len - len(tokens))), len(tokens) - 1
+
+
+def pair_rows(tokenizer, pairs: list[dict], seq_len: int, what: str) -> list[dict]:
+  """Padded chosen/rejected rows; pairs that do not fit are counted and left out."""
+  rows = []
+  for pair in pairs:
+    chosen = encode_scored(tokenizer, pair['messages'] + [
+        {'role': 'assistant', 'content': pair['chosen']}], seq_len)
+    rejected = encode_scored(tokenizer, pair['messages'] + [
+        {'role': 'assistant', 'content': pair['rejected']}], seq_len)
+    if chosen and rejected:
+      rows.append({'chosen': chosen[0], 'chosen_last': np.int32(chosen[1]),
+                   'rejected': rejected[0], 'rejected_last': np.int32(rejected[1])})
+  metrics.log(f'{what}: {len(pairs)} preference pairs, {len(pairs) - len(rows)} left out '
+              f'(longer than {seq_len} tokens).')
+  if not rows:
+    raise ValueError(f'no {what} preference pair fits in {seq_len} tokens')
+  return rows
+
+
+def pair_batches(rows: list[dict], batch_size: int, seed: int, shuffle: bool = True,
+                 repeat: bool = True, process_index: int = 0, process_count: int = 1):
+  ds = grain.MapDataset.source(rows)[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat(None)
+  return ds.batch(batch_size, drop_remainder=repeat).to_iter_dataset()
+
+
+def rewards(model, params, tokens_BxL, last_B):
+  """Reward of each padded row, read at its last token."""
+  segment_ids = (jnp.arange(tokens_BxL.shape[1]) <= last_B[:, None]).astype(jnp.int32)
+  values_BxL = model.apply({'params': params}, tokens_BxL, None, segment_ids)
+  return jnp.take_along_axis(values_BxL, last_B[:, None], axis=1)[:, 0]
+
+
+def pair_rewards(model, params, batch):
+  """(r_chosen, r_rejected), from one forward pass over both halves."""
+  tokens = jnp.concatenate([batch['chosen'], batch['rejected']])
+  last = jnp.concatenate([batch['chosen_last'], batch['rejected_last']])
+  both = rewards(model, params, tokens, last)
+  return jnp.split(both, 2)
+
+
+def bradley_terry_loss(model, margin: float, centering: float):
+  def loss_fn(params, batch, rng):
+    del rng
+    sums = losses.bradley_terry(*pair_rewards(model, params, batch), margin, centering)
+    return sums['loss'], sums
+  return loss_fn
+
+
+def save_stats(workdir: str, values: np.ndarray) -> dict:
+  """Mean and std of rewards on training data: RL normalises rewards with them."""
+  stats = {'mean': float(np.mean(values)), 'std': float(np.std(values)),
+           'num_scored': int(values.size)}
+  if jax.process_index() == 0:
+    tmp = os.path.join(workdir, STATS_FILE + '.tmp')
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(stats, f)
+    os.replace(tmp, os.path.join(workdir, STATS_FILE))
+  return stats
+
+
+def load_stats(workdir: str) -> dict:
+  path = os.path.join(workdir, STATS_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no reward statistics at {path}: did reward-model training finish?')
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def score(workdir: str, conversations: list[list[dict]], batch_size: int = 64) -> list[dict]:
+  """Rewards of conversations (each ending in the assistant reply scored) under the reward model
+  in `workdir`: `{'reward': raw, 'normalized': (raw - mean) / std}` for each."""
+  # Imported here: lm imports this module's neighbours, and scoring is the only user.
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from jaxlm import lm  # pylint: disable=g-import-not-at-top
+  from jaxlm import model as model_lib  # pylint: disable=g-import-not-at-top
+  from jaxlm import sharding  # pylint: disable=g-import-not-at-top
+  from jaxlm import trainer  # pylint: disable=g-import-not-at-top
+  config, tokenizer, base = lm.load_workdir(workdir)
+  model = model_lib.ScalarHeadModel(base.config)
+  stats = load_stats(workdir)
+  seq_len = config.data.seq_len
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    boxed = jax.eval_shape(lm.init_params_fn(model, seq_len), jax.random.PRNGKey(0))
+    params = lm.params_loader(workdir)(trainer.abstract_params(boxed, mesh)[0])
+    score_batch = jax.jit(lambda p, t, l: rewards(model, p, t, l))
+    results = []
+    for start in range(0, len(conversations), batch_size):
+      chunk = conversations[start:start + batch_size]
+      tokens = np.zeros((batch_size, seq_len), np.int32)
+      last = np.zeros(batch_size, np.int32)
+      for row, messages in enumerate(chunk):
+        encoded = encode_scored(tokenizer, messages, seq_len)
+        if encoded is None:
+          raise ValueError(f'conversation {start + row} is longer than {seq_len} tokens')
+        tokens[row], last[row] = encoded
+      values = jax.device_get(score_batch(params, jnp.asarray(tokens), jnp.asarray(last)))
+      results += [{'reward': float(v), 'normalized': float((v - stats['mean']) / stats['std'])}
+                  for v in values[:len(chunk)]]
+  return results
