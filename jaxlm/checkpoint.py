@@ -60,6 +60,16 @@ def verify(step_dir: epath.Path) -> str | None:
   return None
 
 
+def from_json(value):
+  """JSON stores tuples as lists; Grain's iterator states compare against tuples (a packer's
+  `(-1, -1)` "no remainder"), so a restored state needs them back."""
+  if isinstance(value, dict):
+    return {k: from_json(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(from_json(v) for v in value)
+  return value
+
+
 class _CheckpointMismatch(ValueError):
   """The checkpoint is intact but holds other parameters than the model needs."""
 

@@ -30,6 +30,8 @@ class Tokenizer:
     with open(path, 'rb') as f:
       proto = f.read()
     try:
+      if not proto:
+        raise RuntimeError('the file is empty')
       return cls(proto, path)
     except RuntimeError as e:
       raise ValueError(f'not a SentencePiece model: {path} ({e})') from e

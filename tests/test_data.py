@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import base
+from jaxlm import checkpoint
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.data import pipeline
 from jaxlm.data import tfds_builders
@@ -90,6 +91,28 @@ def test_local_text_builder_config_names_follow_the_glob(tmp_path):
                                             str(tmp_path)).builder_config.name
            for glob in ('*.txt', '0*.txt')}
   assert len(names) == 2  # another glob never reuses data prepared for the first
+
+
+def test_edited_files_are_prepared_anew_in_the_same_data_dir(tmp_path):
+  _write_text_files(tmp_path / 'text')
+
+  def all_documents():
+    builder = tfds_builders.local_text_builder(str(tmp_path / 'text' / '*.txt'), 'file', 0.5,
+                                               str(tmp_path / 'tfds'))
+    return {doc for split in ('train', 'validation')
+            for doc in _read_all(tfds_builders.prepared_source(builder, split))}
+
+  before = all_documents()
+  (tmp_path / 'text' / 'new.txt').write_text('a document added later')
+  assert all_documents() == before | {'a document added later'}
+
+
+def test_an_empty_split_is_an_error_naming_the_fraction(tmp_path):
+  (tmp_path / 'a.txt').write_text('the only document')
+  builder = tfds_builders.local_text_builder(str(tmp_path / '*.txt'), 'file', 0.0,
+                                             str(tmp_path / 'tfds'))
+  with pytest.raises(ValueError, match='validation_fraction'):
+    tfds_builders.prepared_source(builder, 'train')
 
 
 def test_a_glob_matching_nothing_raises_naming_the_glob(tmp_path):
@@ -210,7 +233,8 @@ def _check_resume(tokenizer, docs, through_json):
   for position in range(12):
     state = it.get_state()
     if through_json:
-      state = json.loads(json.dumps(state))  # as the checkpoint (orbax JsonSave) stores it
+      # As the checkpoint stores it (Orbax JsonSave) and restores it.
+      state = checkpoint.from_json(json.loads(json.dumps(state)))
     fresh = iter(_batches(tokenizer, docs, seed=0))
     fresh.set_state(state)
     _assert_same_batches([next(fresh) for _ in range(8)], expected[position:position + 8])
@@ -221,9 +245,6 @@ def test_iterator_state_resumes_exactly(tokenizer, docs):
   _check_resume(tokenizer, docs, through_json=False)
 
 
-@pytest.mark.xfail(strict=True, reason='library bug: a state with no remainder (e.g. before the '
-                   'first batch) loses its (-1, -1) tuples in JSON, and set_state then skips a '
-                   'document')
 def test_iterator_state_survives_a_json_round_trip(tokenizer, docs):
   _check_resume(tokenizer, docs, through_json=True)
 

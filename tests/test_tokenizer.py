@@ -91,7 +91,6 @@ def test_train_rejects_an_unknown_model_type(tmp_path):
     tokenizer_lib.Tokenizer.train(['a b c'], str(tmp_path / 't.model'), 300, 'wordpiece')
 
 
-@pytest.mark.xfail(strict=True, reason='library bug: an empty file loads without error')
 def test_load_of_an_empty_file_raises_value_error(tmp_path):
   path = tmp_path / 'empty.model'
   path.write_bytes(b'')
@@ -99,7 +98,8 @@ def test_load_of_an_empty_file_raises_value_error(tmp_path):
     tokenizer_lib.Tokenizer.load(str(path))
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: U+2581 ('▁') in text decodes as a space")
+@pytest.mark.xfail(strict=True, reason="SentencePiece limitation: U+2581 ('▁') in text decodes "
+                   'as a space')
 def test_text_containing_the_sentencepiece_space_marker_round_trips(tokenizer):
   text = 'a\u2581b'
   assert tokenizer.decode(tokenizer.encode(text)) == text

@@ -20,7 +20,7 @@ VERSION = tfds.core.Version('1.0.0')
 SPLIT_BY = ('file', 'line')
 
 
-def _content_hash(fields: dict) -> str:
+def _content_hash(fields) -> str:
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -34,6 +34,7 @@ class LocalTextConfig(tfds.core.BuilderConfig):
   pattern: str = ''
   split_by: str = 'file'
   validation_fraction: float = 0.05
+  files_fingerprint: str = ''  # paths, sizes and times: edited files are prepared anew
 
 
 class LocalText(tfds.core.GeneratorBasedBuilder):
@@ -99,10 +100,12 @@ def local_text_builder(pattern: str, split_by: str, validation_fraction: float,
                        data_dir: str) -> LocalText:
   if split_by not in SPLIT_BY:
     raise ValueError(f'config.data.split_by must be one of {SPLIT_BY}, got {split_by!r}')
-  if not globlib.glob(pattern, recursive=True):
+  paths = sorted(globlib.glob(pattern, recursive=True))
+  if not paths:
     raise FileNotFoundError(f'config.data.text_glob matches no files: {pattern!r}')
+  files = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
   fields = dict(pattern=os.path.abspath(pattern), split_by=split_by,
-                validation_fraction=validation_fraction)
+                validation_fraction=validation_fraction, files_fingerprint=_content_hash(files))
   config = LocalTextConfig(name=_content_hash(fields), version=VERSION, **fields)
   return LocalText(config=config, data_dir=data_dir, file_format='array_record')
 
@@ -117,7 +120,11 @@ def synthetic_world_builder(world_seed: int, num_train_docs: int, num_validation
 
 def prepared_source(builder, split: str):
   """Prepares the builder once (a no-op when already on disk) and returns a random-access source."""
-  builder.download_and_prepare()
+  try:
+    builder.download_and_prepare()
+  except AssertionError as e:  # tfds asserts that every split has examples
+    raise ValueError(f'{builder.name}: a split came out empty; with few documents raise or '
+                     f'lower config.data.validation_fraction ({e})') from e
   return builder.as_data_source(split=split)
 
 
