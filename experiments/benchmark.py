@@ -26,12 +26,6 @@ from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
-                                          'Path to a config file.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps, after one warm-up step.')
-_VOCAB = flags.DEFINE_integer('vocab_size', None,
-                              'Vocabulary size; default: config.tokenizer.vocab_size.')
-
 
 def state_bytes_on_first_device(state) -> int:
   """Parameter and optimizer bytes held by one device: what FSDP and TP divide."""
@@ -107,4 +101,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags live here so that other programs (and tests) can import several binaries.
+  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
+                                            'Path to a config file.')
+  _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps, after one warm-up step.')
+  _VOCAB = flags.DEFINE_integer('vocab_size', None,
+                                'Vocabulary size; default: config.tokenizer.vocab_size.')
   app.run(main)

@@ -14,14 +14,6 @@ from jaxlm import metrics
 from jaxlm import sharding
 from jaxlm import trainer
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A pretraining workdir.', required=True)
-_PROMPTS = flags.DEFINE_multi_string('prompt', ['The pet of'], 'Prompts (repeat the flag).')
-_MAX_TOKENS = flags.DEFINE_integer('max_tokens', 64, 'Tokens to generate per prompt.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.7, '0 is greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', 0, '0 keeps every token.')
-_TOP_P = flags.DEFINE_float('top_p', 0.95, '1 keeps every token.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-
 
 def main(argv):
   del argv
@@ -39,4 +31,12 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags live here so that other programs (and tests) can import several binaries.
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'A pretraining workdir.', required=True)
+  _PROMPTS = flags.DEFINE_multi_string('prompt', ['The pet of'], 'Prompts (repeat the flag).')
+  _MAX_TOKENS = flags.DEFINE_integer('max_tokens', 64, 'Tokens to generate per prompt.')
+  _TEMPERATURE = flags.DEFINE_float('temperature', 0.7, '0 is greedy.')
+  _TOP_K = flags.DEFINE_integer('top_k', 0, '0 keeps every token.')
+  _TOP_P = flags.DEFINE_float('top_p', 0.95, '1 keeps every token.')
+  _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   app.run(main)

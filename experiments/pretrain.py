@@ -22,11 +22,6 @@ from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
-                                          'Path to a config file.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the tokenizer go here.',
-                               required=True)
-
 
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   configs.validate(config, {'data.source': pipeline.SOURCES})
@@ -73,4 +68,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags live here so that other programs (and tests) can import several binaries.
+  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
+                                            'Path to a config file.')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the tokenizer go here.',
+                                 required=True)
   app.run(main)

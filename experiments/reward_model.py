@@ -28,14 +28,6 @@ from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import post_training as data_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/reward_model.py',
-                                          'Path to a config file.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics go here.',
-                               required=True)
-_SCORE = flags.DEFINE_string(
-    'score', None, 'Score this JSONL file of conversations ({"messages": [...]} ending in the '
-    'reply, or {"prompt": ..., "response": ...}) with the model in --workdir; prints JSON lines.')
-
 
 def _world_pairs(config):
   return lambda world, split, num: data_lib.world_preference_pairs(
@@ -129,4 +121,12 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags live here so that other programs (and tests) can import several binaries.
+  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/reward_model.py',
+                                            'Path to a config file.')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics go here.',
+                                 required=True)
+  _SCORE = flags.DEFINE_string(
+      'score', None, 'Score this JSONL file of conversations ({"messages": [...]} ending in the '
+      'reply, or {"prompt": ..., "response": ...}) with the model in --workdir; prints JSON lines.')
   app.run(main)

@@ -21,11 +21,6 @@ from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import post_training as data_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/sft.py',
-                                          'Path to a config file.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics go here.',
-                               required=True)
-
 
 def conversation_rows(tokenizer, examples, seq_len, what):
   rows, stats = data_lib.tokenize_conversations(tokenizer, examples, seq_len)
@@ -83,4 +78,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags live here so that other programs (and tests) can import several binaries.
+  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/sft.py',
+                                            'Path to a config file.')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics go here.',
+                                 required=True)
   app.run(main)

@@ -1,5 +1,7 @@
 """A config small enough for end-to-end tests to train in seconds."""
 
+from experiments.configs import reward_model
+from experiments.configs import sft
 from experiments.configs import tiny
 
 
@@ -15,6 +17,10 @@ def config(steps=8, **overrides):
   c.eval_every = 0
   c.checkpoint.update(every=4, keep=3)
   c.mesh.update(data=-1, fsdp=1, tensor=1, num_devices=1)
+  return _override(c, overrides)
+
+
+def _override(c, overrides):
   for dotted, value in overrides.items():
     target = c
     *parents, leaf = dotted.split('.')
@@ -22,6 +28,29 @@ def config(steps=8, **overrides):
       target = target[part]
     target[leaf] = value
   return c
+
+
+def _post_training(c, init_workdir, steps, overrides):
+  c.init_workdir = init_workdir
+  c.data.update(seq_len=64, num_train=256, num_eval=16)
+  c.train.update(steps=steps, batch_size=8, warmup_steps=2)
+  c.log_every = 1
+  c.eval_every = 0
+  c.checkpoint.update(every=4, keep=2)
+  c.mesh.update(data=-1, fsdp=1, tensor=1, num_devices=1)
+  return _override(c, overrides)
+
+
+def sft_config(init_workdir, steps=4, **overrides):
+  c = sft.get_config()
+  c.eval.update(batches=1, batch_size=8, num_prompts=8, batch_size_generation=8, num_samples=0)
+  return _post_training(c, init_workdir, steps, overrides)
+
+
+def reward_config(init_workdir, steps=4, **overrides):
+  c = reward_model.get_config()
+  c.eval.update(batches=1, batch_size=8, stats_pairs=16)
+  return _post_training(c, init_workdir, steps, overrides)
 
 
 def get_config():
