@@ -12,7 +12,6 @@ from absl import flags
 from jaxlm import lm
 from jaxlm import metrics
 from jaxlm import sharding
-from jaxlm import trainer
 
 
 def main(argv):
@@ -21,8 +20,7 @@ def main(argv):
   config, tokenizer, model = lm.load_workdir(_WORKDIR.value)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    boxed = jax.eval_shape(lm.init_params_fn(model, 1), jax.random.PRNGKey(0))
-    params = lm.params_loader(_WORKDIR.value)(trainer.abstract_params(boxed, mesh)[0])
+    params = lm.load_params(_WORKDIR.value, model, mesh)
     texts = lm.sample(model, params, tokenizer, _PROMPTS.value, jax.random.PRNGKey(_SEED.value),
                       max_new_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
                       top_k=_TOP_K.value, top_p=_TOP_P.value, batch_size=len(_PROMPTS.value))

@@ -29,11 +29,6 @@ from jaxlm import trainer
 from jaxlm.data import post_training as data_lib
 
 
-def _world_pairs(config):
-  return lambda world, split, num: data_lib.world_preference_pairs(
-      world, split, num, dict(config.data.rejection_proportions), config.seed)
-
-
 def _pair_metrics(model, mesh, batches):
   """params -> held-out pairwise accuracy, reward gap and loss over fixed batches."""
   @jax.jit
@@ -59,14 +54,6 @@ def _pair_metrics(model, mesh, batches):
   return evaluate
 
 
-def _padded_batches(rows, batch_size, num_batches):
-  batches = lm.fixed_batches(
-      ({**b, 'valid': np.ones(len(b['chosen']), np.float32)}
-       for b in reward.pair_batches(rows, batch_size, seed=0, shuffle=False, repeat=False)),
-      batch_size, num_batches)
-  return batches
-
-
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   configs.validate(config, {'data.source': data_lib.SOURCES})
   tokenizer, base_model, world = post_training.start_from(config, workdir)
@@ -75,14 +62,14 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   model = model_lib.ScalarHeadModel(base_model.config)
   seq_len = config.data.seq_len
   pairs = {split: post_training.examples(config.data, split, world,
-                                         data_lib.preference_from_record, _world_pairs(config))
+                                         data_lib.preference_from_record, reward.world_pairs(config.data, config.seed))
            for split in ('train', 'eval')}
   train_rows = reward.pair_rows(tokenizer, pairs['train'], seq_len, 'train')
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     evaluate_pairs = None
     if pairs['eval']:
-      evaluate_pairs = _pair_metrics(model, mesh, _padded_batches(
+      evaluate_pairs = _pair_metrics(model, mesh, reward.padded_pair_batches(
           reward.pair_rows(tokenizer, pairs['eval'], seq_len, 'eval'), config.eval.batch_size,
           config.eval.batches))
     load_backbone = lm.params_loader(config.init_workdir)
@@ -99,7 +86,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
         tokens_per_row=2 * seq_len)
     state = trainer.train(config, workdir, stage, mesh)
     # Statistics over training pairs, for RL to normalise rewards with.
-    stats_batches = _padded_batches(train_rows[:config.eval.stats_pairs], config.eval.batch_size,
+    stats_batches = reward.padded_pair_batches(train_rows[:config.eval.stats_pairs], config.eval.batch_size,
                                     config.eval.stats_pairs)
     _, values = _pair_metrics(model, mesh, stats_batches)(state.params)
     valid = np.concatenate([np.tile(b['valid'], 2) for b in stats_batches]) > 0

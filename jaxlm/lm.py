@@ -17,6 +17,7 @@ from jaxlm import model as model_lib
 from jaxlm import sampling
 from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
+from jaxlm import trainer
 from jaxlm.data import pipeline
 
 
@@ -160,6 +161,13 @@ def params_loader(workdir: str):
     metrics_lib.log(f'Loaded the parameters of {workdir} at step {step}.')
     return params
   return load
+
+
+def load_params(workdir: str, model, mesh):
+  """The newest verified params of `workdir` for `model`, sharded over `mesh` by the logical
+  rules. Call under `jax.set_mesh(mesh)` and the rules."""
+  boxed = jax.eval_shape(init_params_fn(model, 1), jax.random.PRNGKey(0))
+  return params_loader(workdir)(trainer.abstract_params(boxed, mesh)[0])
 
 
 def sample_prompts(documents, tokenizer, num: int, prompt_tokens: int) -> list[str]:

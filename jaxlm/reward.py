@@ -6,25 +6,30 @@ A conversation's reward is the scalar head's output at its last token (the reply
 import json
 import os
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import chat
+from jaxlm import lm
 from jaxlm import losses
 from jaxlm import metrics
+from jaxlm import model as model_lib
+from jaxlm import sharding
+from jaxlm.data import post_training as data_lib
 
 STATS_FILE = 'reward_stats.json'
 
 
 def encode_scored(tokenizer, messages: list[dict], seq_len: int):
-  """(tokens padded to seq_len, last index) of a conversation ending in the reply scored; None
-  when it does not fit."""
-  tokens, _ = chat.encode(tokenizer, messages)
+  """(tokens padded to seq_len, last index, index of the reply's first token) of a conversation
+  ending in the reply scored; None when it does not fit."""
+  tokens, mask = chat.encode(tokenizer, messages)
   if len(tokens) > seq_len:
     return None
-  return np.pad(tokens, (0, seq_len - len(tokens))), len(tokens) - 1
+  return np.pad(tokens, (0, seq_len - len(tokens))), len(tokens) - 1, int(np.argmax(mask))
 
 
 def pair_rows(tokenizer, pairs: list[dict], seq_len: int, what: str) -> list[dict]:
@@ -37,7 +42,9 @@ def pair_rows(tokenizer, pairs: list[dict], seq_len: int, what: str) -> list[dic
         {'role': 'assistant', 'content': pair['rejected']}], seq_len)
     if chosen and rejected:
       rows.append({'chosen': chosen[0], 'chosen_last': np.int32(chosen[1]),
-                   'rejected': rejected[0], 'rejected_last': np.int32(rejected[1])})
+                   'chosen_start': np.int32(chosen[2]), 'rejected': rejected[0],
+                   'rejected_last': np.int32(rejected[1]),
+                   'rejected_start': np.int32(rejected[2])})
   metrics.log(f'{what}: {len(pairs)} preference pairs, {len(pairs) - len(rows)} left out '
               f'(longer than {seq_len} tokens).')
   if not rows:
@@ -53,6 +60,21 @@ def pair_batches(rows: list[dict], batch_size: int, seed: int, shuffle: bool = T
   if repeat:
     ds = ds.repeat(None)
   return ds.batch(batch_size, drop_remainder=repeat).to_iter_dataset()
+
+
+def padded_pair_batches(rows: list[dict], batch_size: int, num_batches: int) -> list[dict]:
+  """Fixed evaluation batches with a `valid` row flag; the last one padded to full size."""
+  return lm.fixed_batches(
+      ({**b, 'valid': np.ones(len(b['chosen']), np.float32)}
+       for b in pair_batches(rows, batch_size, seed=0, shuffle=False, repeat=False)),
+      batch_size, num_batches)
+
+
+def world_pairs(data_config, seed: int):
+  """The world's preference pairs in the configured rejection proportions, as the
+  `world_examples` function of `post_training.examples`."""
+  return lambda world, split, num: data_lib.world_preference_pairs(
+      world, split, num, dict(data_config.rejection_proportions), seed)
 
 
 def rewards(model, params, tokens_BxL, last_B):
@@ -101,20 +123,13 @@ def load_stats(workdir: str) -> dict:
 def score(workdir: str, conversations: list[list[dict]], batch_size: int = 64) -> list[dict]:
   """Rewards of conversations (each ending in the assistant reply scored) under the reward model
   in `workdir`: `{'reward': raw, 'normalized': (raw - mean) / std}` for each."""
-  # Imported here: lm imports this module's neighbours, and scoring is the only user.
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from jaxlm import lm  # pylint: disable=g-import-not-at-top
-  from jaxlm import model as model_lib  # pylint: disable=g-import-not-at-top
-  from jaxlm import sharding  # pylint: disable=g-import-not-at-top
-  from jaxlm import trainer  # pylint: disable=g-import-not-at-top
   config, tokenizer, base = lm.load_workdir(workdir)
   model = model_lib.ScalarHeadModel(base.config)
   stats = load_stats(workdir)
   seq_len = config.data.seq_len
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    boxed = jax.eval_shape(lm.init_params_fn(model, seq_len), jax.random.PRNGKey(0))
-    params = lm.params_loader(workdir)(trainer.abstract_params(boxed, mesh)[0])
+    params = lm.load_params(workdir, model, mesh)
     score_batch = jax.jit(lambda p, t, l: rewards(model, p, t, l))
     results = []
     for start in range(0, len(conversations), batch_size):
@@ -125,7 +140,7 @@ def score(workdir: str, conversations: list[list[dict]], batch_size: int = 64) -
         encoded = encode_scored(tokenizer, messages, seq_len)
         if encoded is None:
           raise ValueError(f'conversation {start + row} is longer than {seq_len} tokens')
-        tokens[row], last[row] = encoded
+        tokens[row], last[row], _ = encoded
       values = jax.device_get(score_batch(params, jnp.asarray(tokens), jnp.asarray(last)))
       results += [{'reward': float(v), 'normalized': float((v - stats['mean']) / stats['std'])}
                   for v in values[:len(chunk)]]

@@ -32,15 +32,20 @@ def filter_logits(logits_BxV, temperature: float, top_k: int, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
-                                             'top_p', 'eos_id', 'vocab_size'))
+                                             'top_p', 'eos_id', 'vocab_size',
+                                             'return_log_probs'))
 def generate(model: model_lib.Transformer, params, prompts_BxP, prompt_lengths_B, rng, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None, vocab_size: int | None = None):
+             eos_id: int | None = None, vocab_size: int | None = None,
+             return_log_probs: bool = False):
   """Samples continuations; temperature 0 is greedy. Ids from `vocab_size` up (the embedding's
   padding beyond the tokenizer's vocabulary) are never sampled.
 
   Returns (tokens [B, P + max_new_tokens] with each row's continuation starting at its prompt
-  length, lengths [B] of prompt plus generated tokens up to and including eos).
+  length, lengths [B] of prompt plus generated tokens up to and including eos). With
+  `return_log_probs`, also float32 [B, P + max_new_tokens]: log p(token | prefix) of each
+  generated token under the model itself (before temperature and filtering), 0 elsewhere: what
+  RL needs as the behaviour policy's log-probs.
   """
   B, P = prompts_BxP.shape
   total = P + max_new_tokens
@@ -51,35 +56,43 @@ def generate(model: model_lib.Transformer, params, prompts_BxP, prompt_lengths_B
   last_logits_BxV = jnp.take_along_axis(
       logits_BxPxV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
   tokens = jnp.zeros((B, total), prompts_BxP.dtype).at[:, :P].set(prompts_BxP)
+  log_probs = jnp.zeros((B, total), jnp.float32)
 
   def sample(logits_BxV, step_rng):
-    if vocab_size is not None:
-      logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab_size, logits_BxV, -jnp.inf)
     if temperature == 0:
       return jnp.argmax(logits_BxV, axis=-1).astype(tokens.dtype)
     return jax.random.categorical(
         step_rng, filter_logits(logits_BxV, temperature, top_k, top_p)).astype(tokens.dtype)
 
   def step(carry):
-    i, tokens, cache, logits_BxV, done_B, rng = carry
+    i, tokens, log_probs, cache, logits_BxV, done_B, rng = carry
     rng, step_rng = jax.random.split(rng)
+    if vocab_size is not None:
+      logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab_size, logits_BxV, -jnp.inf)
     next_B = sample(logits_BxV, step_rng)
     position_B = prompt_lengths_B + i
     tokens = tokens.at[jnp.arange(B), position_B].set(jnp.where(done_B, 0, next_B))
+    next_log_prob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV.astype(jnp.float32)),
+                                          next_B[:, None], axis=1)[:, 0]
+    log_probs = log_probs.at[jnp.arange(B), position_B].set(
+        jnp.where(done_B, 0.0, next_log_prob_B))
     if eos_id is not None:
       done_B = done_B | (next_B == eos_id)
     logits, cache = model.apply({'params': params}, next_B[:, None], position_B[:, None],
                                 jnp.ones((B, 1), tokens.dtype), cache=cache)
-    return i + 1, tokens, cache, logits[:, 0], done_B, rng
+    return i + 1, tokens, log_probs, cache, logits[:, 0], done_B, rng
 
   def not_finished(carry):
-    i, _, _, _, done_B, _ = carry
+    i, done_B = carry[0], carry[5]
     return (i < max_new_tokens) & ~jnp.all(done_B)
 
   done = jnp.zeros((B,), bool)
-  _, tokens, _, _, done, _ = jax.lax.while_loop(
-      not_finished, step, (jnp.int32(0), tokens, cache, last_logits_BxV, done, rng))
-  return tokens, _lengths(tokens, prompt_lengths_B, max_new_tokens, eos_id)
+  _, tokens, log_probs, _, _, done, _ = jax.lax.while_loop(
+      not_finished, step, (jnp.int32(0), tokens, log_probs, cache, last_logits_BxV, done, rng))
+  lengths = _lengths(tokens, prompt_lengths_B, max_new_tokens, eos_id)
+  if return_log_probs:
+    return tokens, lengths, log_probs
+  return tokens, lengths
 
 
 def _lengths(tokens_BxT, prompt_lengths_B, max_new_tokens, eos_id):

@@ -9,7 +9,7 @@ import dataclasses
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -125,6 +125,11 @@ class Stage:
   tokens_per_row: int
   # freshly initialised params -> starting params (e.g. from a previous stage's checkpoint).
   load_params: Callable[[Any], Any] | None = None
+  # optimizer -> a pure (state, batch) -> (state, metrics); default: `make_train_step`.
+  make_step: Callable[[optax.GradientTransformation], Callable] | None = None
+  # (state, host batch) -> device batch; default: place the rows on the mesh. RL generates its
+  # rollouts here, from the current policy.
+  prepare_batch: Callable[[TrainState, dict], dict] | None = None
 
 
 def abstract_params(boxed_shapes, mesh):
@@ -164,11 +169,10 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _device_batches(iterator: Iterator, mesh, grad_accum_steps: int):
-  for local in iterator:
-    if grad_accum_steps > 1:
-      local = {k: v.reshape(grad_accum_steps, -1, *v.shape[1:]) for k, v in local.items()}
-    yield sharding.put_batch(local, mesh, batch_axis=1 if grad_accum_steps > 1 else 0)
+def _place(local, mesh, grad_accum_steps: int):
+  if grad_accum_steps > 1:
+    local = {k: v.reshape(grad_accum_steps, -1, *v.shape[1:]) for k, v in local.items()}
+  return sharding.put_batch(local, mesh, batch_axis=1 if grad_accum_steps > 1 else 0)
 
 
 def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
@@ -192,8 +196,11 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
     data_iterator.set_state(data_state)
     metrics_lib.log(f'Resuming from the checkpoint at step {step} in {workdir}.')
 
-  train_step = jax.jit(make_train_step(stage.loss_fn, optimizer, tc.grad_accum_steps),
-                       out_shardings=(shardings, None), donate_argnums=(0,))
+  step_fn = (stage.make_step(optimizer) if stage.make_step else
+             make_train_step(stage.loss_fn, optimizer, tc.grad_accum_steps))
+  train_step = jax.jit(step_fn, out_shardings=(shardings, None), donate_argnums=(0,))
+  prepare_batch = stage.prepare_batch or (
+      lambda state, local: _place(local, mesh, tc.grad_accum_steps))
   writer = metrics_lib.MetricsWriter(workdir)
   start_step = int(state.step)
   if restored is None and config.get('eval_at_start'):
@@ -205,12 +212,11 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
   if jax.devices()[0].platform != 'cpu':
     peak *= jax.device_count()  # a CPU probe already measures every core at once
   preemption = _Preemption()
-  batches = _device_batches(data_iterator, mesh, tc.grad_accum_steps)
   tokens_per_step = tc.batch_size * stage.tokens_per_row
   last_time, last_step = time.time(), start_step
   try:
     for step in range(start_step + 1, tc.steps + 1):
-      state, train_metrics = train_step(state, next(batches))
+      state, train_metrics = train_step(state, prepare_batch(state, next(data_iterator)))
       if step % config.log_every == 0 or step == tc.steps:
         scalars = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
         now = time.time()

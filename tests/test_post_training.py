@@ -18,7 +18,6 @@ from jaxlm import lm
 from jaxlm import model as model_lib
 from jaxlm import reward
 from jaxlm import sharding
-from jaxlm import trainer
 from tests import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,17 +35,12 @@ def _records(workdir):
     return [json.loads(line) for line in f]
 
 
-def _load_params(workdir, model, mesh):
-  boxed = jax.eval_shape(lm.init_params_fn(model, 8), jax.random.PRNGKey(0))
-  return lm.params_loader(workdir)(trainer.abstract_params(boxed, mesh)[0])
-
-
 def test_a_stage_starts_from_the_exact_logits_of_the_previous_checkpoint(pretrained):
   workdir, final_params = pretrained
   _, _, model = lm.load_workdir(workdir)
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    loaded = _load_params(workdir, model, mesh)
+    loaded = lm.load_params(workdir, model, mesh)
   tokens = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) % 300
   expected, _ = model.apply({'params': final_params}, tokens)
   actual, _ = model.apply({'params': jax.device_get(loaded)}, tokens)
@@ -64,7 +58,7 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(pretrained, change, mess
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     with pytest.raises(ValueError, match=message.replace('[', r'\[').replace(']', r'\]')):
-      _load_params(workdir, other, mesh)
+      lm.load_params(workdir, other, mesh)
 
 
 def test_sft_then_reward_model_end_to_end(pretrained, tmp_path):

@@ -20,6 +20,12 @@ SOURCES = ('world', 'jsonl', 'tfds')
 REJECTION_KINDS = ('wrong', 'off_format', 'rambling')
 
 
+def world_prompts(world: world_lib.World, split: str, num: int) -> list[dict]:
+  """Questions without replies, for RL: `{'messages': [...], 'answer': str}`."""
+  return [{'messages': [{'role': 'user', 'content': q.prompt}], 'answer': q.answer}
+          for q in world.questions(split, num)]
+
+
 def world_sft_examples(world: world_lib.World, split: str, num: int) -> list[dict]:
   return [{'messages': [{'role': 'user', 'content': q.prompt},
                         {'role': 'assistant', 'content': chat.format_answer(q.answer)}],
@@ -114,6 +120,16 @@ def preference_from_record(record: dict, where: str) -> dict:
     raise ValueError(f'{where}: needs string "chosen" and "rejected"; got keys {sorted(record)}')
   return {'messages': _prompt_messages(record, where), 'chosen': record['chosen'],
           'rejected': record['rejected'], 'kind': record.get('kind', 'jsonl')}
+
+
+def prompt_from_record(record: dict, where: str) -> dict:
+  """`{"prompt" or "messages", optional "answer"}`; a trailing assistant reply is dropped."""
+  messages = list(_prompt_messages(record, where))
+  while messages and messages[-1]['role'] == 'assistant':
+    messages.pop()
+  if not messages:
+    raise ValueError(f'{where}: the prompt has no user message')
+  return {'messages': messages, 'answer': record.get('answer')}
 
 
 def from_jsonl(path: str, parse) -> list[dict]:

@@ -1,0 +1,98 @@
+r"""Direct preference optimisation against the frozen starting model.
+
+  python -m experiments.dpo --config=experiments/configs/dpo.py --workdir=runs/dpo \
+      --config.init_workdir=runs/sft
+
+Evaluation: held-out preference accuracy of the implicit reward (the policy's log-likelihood
+margin over the reference's), and the format and exact-match rates of greedy replies.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from jaxlm import configs
+from jaxlm import dpo
+from jaxlm import lm
+from jaxlm import losses
+from jaxlm import metrics
+from jaxlm import post_training
+from jaxlm import reward
+from jaxlm import sharding
+from jaxlm import trainer
+from jaxlm.data import post_training as data_lib
+
+
+def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
+  configs.validate(config, {'data.source': data_lib.SOURCES})
+  tokenizer, model, world = post_training.start_from(config, workdir)
+  configs.validate(config)
+  configs.save(config, workdir)
+  seq_len = config.data.seq_len
+  pairs = {split: post_training.examples(config.data, split, world,
+                                         data_lib.preference_from_record,
+                                         reward.world_pairs(config.data, config.seed))
+           for split in ('train', 'eval')}
+  train_rows = reward.pair_rows(tokenizer, pairs['train'], seq_len, 'train')
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with_reference = dpo.add_reference(model, lm.load_params(config.init_workdir, model, mesh))
+    eval_batches = []
+    if pairs['eval']:
+      eval_batches = [with_reference(sharding.put_batch(b, mesh))
+                      for b in reward.padded_pair_batches(
+                          reward.pair_rows(tokenizer, pairs['eval'], seq_len, 'eval'),
+                          config.eval.batch_size, config.eval.batches)]
+
+    @jax.jit
+    def eval_step(params, batch):
+      chosen, rejected = dpo.pair_log_probs(model, params, batch)
+      sums = losses.dpo_loss(chosen, rejected, batch['ref_chosen'], batch['ref_rejected'],
+                             config.beta, config.label_smoothing)
+      margin = (chosen - batch['ref_chosen']) - (rejected - batch['ref_rejected'])
+      return {'correct': jnp.sum((margin > 0) * batch['valid']), 'count': jnp.sum(batch['valid']),
+              'loss': sums['loss']}
+
+    evaluate_answers = post_training.make_answer_evaluator(
+        model, tokenizer, data_lib.world_sft_examples(world, 'heldout', config.eval.num_prompts)
+        if config.data.source == 'world' else [], config.eval)
+
+    def evaluate(params, step):
+      results = evaluate_answers(params, step)
+      if eval_batches:
+        totals = jax.device_get(jax.tree.map(lambda *x: sum(x),
+                                             *[eval_step(params, b) for b in eval_batches]))
+        results['eval/pairwise_accuracy'] = totals['correct'] / totals['count']
+      return results
+
+    stage = trainer.Stage(
+        init_params=lm.init_params_fn(model, seq_len),
+        load_params=lm.params_loader(config.init_workdir),
+        loss_fn=dpo.dpo_loss(model, config.beta, config.label_smoothing),
+        train_batches=reward.pair_batches(
+            train_rows, sharding.batch_size_per_process(config.train.batch_size, mesh),
+            seed=config.seed, process_index=jax.process_index(),
+            process_count=jax.process_count()),
+        evaluate=evaluate,
+        flops_per_token=model.config.flops_per_token(seq_len) * 4 / 3,  # + reference forward
+        tokens_per_row=2 * seq_len,
+        prepare_batch=lambda state, local: with_reference(sharding.put_batch(local, mesh)))
+    return trainer.train(config, workdir, stage, mesh)
+
+
+def main(argv):
+  del argv
+  metrics.configure_logging()
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  # Flags live here so that other programs (and tests) can import several binaries.
+  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/dpo.py',
+                                            'Path to a config file.')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics go here.',
+                                 required=True)
+  app.run(main)

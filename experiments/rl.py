@@ -1,0 +1,120 @@
+r"""Reinforcement learning of the chat model: GRPO on verifiable rewards, or PPO against a
+reward model with a KL penalty to the reference (the starting SFT model).
+
+  python -m experiments.rl --config=experiments/configs/rl.py --workdir=runs/grpo \
+      --config.init_workdir=runs/sft
+  python -m experiments.rl --config=experiments/configs/rl.py --workdir=runs/ppo \
+      --config.init_workdir=runs/sft --config.algorithm=ppo --config.reward=model \
+      --config.reward_workdir=runs/rm
+"""
+
+import flax.linen as nn
+import grain
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from jaxlm import configs
+from jaxlm import lm
+from jaxlm import metrics
+from jaxlm import model as model_lib
+from jaxlm import post_training
+from jaxlm import reward as reward_lib
+from jaxlm import rl
+from jaxlm import sharding
+from jaxlm import trainer
+from jaxlm.data import post_training as data_lib
+
+
+def _validate(config):
+  configs.validate(config, {'data.source': data_lib.SOURCES, 'algorithm': rl.ALGORITHMS,
+                            'reward': tuple(rl.REWARD_FUNCTIONS) + ('model',),
+                            'kl_estimator': ('k1', 'k2', 'k3')})
+  if (config.reward == 'model' or config.algorithm == 'ppo') and not config.reward_workdir:
+    raise ValueError('config.reward_workdir must name a reward-model workdir when '
+                     'config.reward is "model" or config.algorithm is "ppo"')
+  rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
+  if rows % config.minibatches:
+    raise ValueError(f'config.rollout.prompts_per_step * samples_per_prompt ({rows}) must be '
+                     f'divisible by config.minibatches ({config.minibatches})')
+  if config.algorithm == 'grpo' and config.rollout.samples_per_prompt < 2:
+    raise ValueError('config.rollout.samples_per_prompt must be >= 2 for GRPO (advantages are '
+                     'relative to the other replies to the same prompt)')
+
+
+def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
+  _validate(config)
+  tokenizer, policy, world = post_training.start_from(config, workdir)
+  with config.unlocked():
+    config.train.batch_size = config.rollout.prompts_per_step
+    config.train.grad_accum_steps = 1
+  configs.validate(config)
+  configs.save(config, workdir)
+  critic = model_lib.ScalarHeadModel(policy.config)
+  prompts = post_training.examples(config.data, 'train', world, data_lib.prompt_from_record,
+                                   data_lib.world_prompts)
+  eval_prompts = post_training.examples(config.data, 'eval', world, data_lib.prompt_from_record,
+                                        data_lib.world_prompts)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    reference = lm.load_params(config.init_workdir, policy, mesh)
+    uses_reward_model = config.reward == 'model'
+    scorer = rl.Scorer(
+        config, tokenizer, policy, critic, critic, reference,
+        lm.load_params(config.reward_workdir, critic, mesh) if uses_reward_model else None,
+        reward_lib.load_stats(config.reward_workdir) if uses_reward_model else None)
+    iterator = rl.PromptIterator(
+        grain.MapDataset.source(np.arange(len(prompts)))[
+            jax.process_index()::jax.process_count()].shuffle(seed=config.seed).repeat(None)
+        .batch(sharding.batch_size_per_process(config.rollout.prompts_per_step, mesh))
+        .to_iter_dataset(), rl.AdaptiveKL(config.kl))
+    is_ppo = config.algorithm == 'ppo'
+
+    def init_params(rng):
+      policy_rng, value_rng = jax.random.split(rng)
+      params = {'policy': lm.init_params_fn(policy, 8)(policy_rng)}
+      if is_ppo:
+        params['value'] = lm.init_params_fn(critic, 8)(value_rng)
+      return params
+
+    load_policy = lm.params_loader(config.init_workdir)
+    load_value = lm.params_loader(config.reward_workdir) if is_ppo else None
+
+    def load_params(params):
+      loaded = {'policy': load_policy(params['policy'])}
+      if is_ppo:
+        loaded['value'] = load_value(params['value'])
+      return loaded
+
+    sequence = config.rollout.prompt_len + config.rollout.max_new_tokens
+    stage = trainer.Stage(
+        init_params=init_params, load_params=load_params, loss_fn=None,
+        train_batches=iterator,
+        evaluate=rl.make_evaluator(config, tokenizer, policy, scorer, eval_prompts, mesh,
+                                   metrics.log),
+        # Per prompt: its sampled rows, each trained `epochs` times (generation not counted).
+        flops_per_token=policy.config.flops_per_token(sequence) * config.epochs
+        * (2 if is_ppo else 1),
+        tokens_per_row=sequence * config.rollout.samples_per_prompt,
+        make_step=lambda optimizer: rl.make_step(rl.make_loss(policy, critic, config),
+                                                 optimizer, config.epochs, config.minibatches),
+        prepare_batch=rl.make_prepare_batch(config, tokenizer, policy, scorer, prompts,
+                                            iterator, mesh))
+    return trainer.train(config, workdir, stage, mesh)
+
+
+def main(argv):
+  del argv
+  metrics.configure_logging()
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  # Flags live here so that other programs (and tests) can import several binaries.
+  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/rl.py',
+                                            'Path to a config file.')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics go here.',
+                                 required=True)
+  app.run(main)

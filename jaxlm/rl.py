@@ -1,0 +1,345 @@
+"""Reinforcement learning on the chat model: rollouts, rewards, and the PPO / GRPO update.
+
+One rollout engine serves both algorithms. Each train step samples replies to a batch of prompts
+with the KV-cache sampler (keeping the sampler's own log-probs as the behaviour policy), scores
+them, computes advantages, then runs several epochs of minibatch updates of the clipped policy
+objective:
+
+- GRPO: several replies per prompt; a reply's advantage is its reward normalised within its
+  group; the KL to the reference is a penalty in the loss.
+- PPO: a learned critic (a separate scalar-head model); per-token rewards are the reward model's
+  score at the last token minus `kl_coef` times the per-token KL; advantages by GAE.
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlm import chat
+from jaxlm import losses
+from jaxlm import reward as reward_lib
+from jaxlm import sampling
+from jaxlm import sharding
+
+ALGORITHMS = ('ppo', 'grpo')
+
+# Verifiable rewards: (reply, example) -> float. Add one with `@register_reward('name')`.
+REWARD_FUNCTIONS: dict[str, Callable[[str, dict], float]] = {}
+
+
+def register_reward(name: str):
+  def register(fn):
+    REWARD_FUNCTIONS[name] = fn
+    return fn
+  return register
+
+
+@register_reward('exact_match')
+def exact_match_reward(reply: str, example: dict) -> float:
+  """1 for a well-formed reply with the right answer, else 0."""
+  answer = chat.parse_answer(reply)
+  return float(answer is not None and answer.strip().lower() == example['answer'].lower())
+
+
+@register_reward('format')
+def format_reward(reply: str, example: dict) -> float:
+  del example
+  return float(chat.parse_answer(reply) is not None)
+
+
+@register_reward('exact_match_and_format')
+def exact_match_and_format_reward(reply: str, example: dict) -> float:
+  """Exact match, with a little credit for the format alone: a denser signal early on."""
+  return exact_match_reward(reply, example) + 0.1 * format_reward(reply, example)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+  """Sampled replies as teacher-forcing rows; the `_BxT` arrays are aligned with `targets`."""
+  inputs_BxT: jax.Array
+  targets_BxT: jax.Array
+  segment_ids_BxT: jax.Array
+  response_mask_BxT: jax.Array  # 1 on reply tokens (incl. end-of-turn) as targets
+  log_probs_BxT: jax.Array  # the sampling policy's log-probs of the targets
+  last_index_B: jax.Array  # index (in targets) of each reply's last token
+  replies: list[str]
+
+
+def encode_prompts(tokenizer, examples: list[dict], width: int):
+  """Right-padded prompt ids [B, width] (ending with the assistant role token) and lengths."""
+  tokens = np.zeros((len(examples), width), np.int32)
+  lengths = np.zeros(len(examples), np.int32)
+  for row, example in enumerate(examples):
+    ids, _ = chat.encode(tokenizer, example['messages'], add_generation_prompt=True)
+    if len(ids) > width:
+      raise ValueError(f'a prompt of {len(ids)} tokens exceeds config.rollout.prompt_len={width}:'
+                       f' {example["messages"][-1]["content"][:80]!r}')
+    tokens[row, :len(ids)], lengths[row] = ids, len(ids)
+  return tokens, lengths
+
+
+def rollout(model, params, tokenizer, examples: list[dict], rng, *, prompt_len: int,
+            max_new_tokens: int, temperature: float, mesh) -> Rollouts:
+  """Samples one reply per example (repeat examples for several per prompt)."""
+  prompts, prompt_lengths = encode_prompts(tokenizer, examples, prompt_len)
+  placed = sharding.put_batch({'prompts': prompts, 'lengths': prompt_lengths}, mesh)
+  tokens, ends, log_probs = sampling.generate(
+      model, params, placed['prompts'], placed['lengths'], rng, max_new_tokens=max_new_tokens,
+      temperature=temperature, eos_id=chat.end_of_turn_id(tokenizer),
+      vocab_size=tokenizer.vocab_size, return_log_probs=True)
+  host_tokens, host_ends = jax.device_get((tokens, ends))
+  replies = [tokenizer.decode(t for t in host_tokens[row, prompt_lengths[row]:host_ends[row]]
+                              if t != chat.end_of_turn_id(tokenizer))
+             for row in range(len(examples))]
+  positions_T = jnp.arange(tokens.shape[1] - 1)
+  starts_B, ends_B = placed['lengths'], ends
+  # Target j is token j + 1: a reply token when prompt_length <= j + 1 < end.
+  response = ((positions_T + 1 >= starts_B[:, None]) & (positions_T + 1 < ends_B[:, None]))
+  return Rollouts(
+      inputs_BxT=tokens[:, :-1], targets_BxT=tokens[:, 1:],
+      segment_ids_BxT=(positions_T < ends_B[:, None]).astype(jnp.int32),
+      response_mask_BxT=response.astype(jnp.float32), log_probs_BxT=log_probs[:, 1:],
+      last_index_B=ends_B - 2, replies=replies)
+
+
+def sequence_token_log_probs(model, params, inputs_BxT, targets_BxT, segment_ids_BxT):
+  logits, _ = model.apply({'params': params}, inputs_BxT, None, segment_ids_BxT)
+  return losses.token_log_probs(logits, targets_BxT), logits
+
+
+def entropy(logits_BxTxV):
+  log_p = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32))
+  return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+
+
+def make_loss(policy, critic, rl_config):
+  """The minibatch loss of both algorithms: clipped policy objective, plus the KL penalty
+  (GRPO) or the clipped value loss (PPO). Returns sums, like every jaxlm loss."""
+  def loss_fn(params, batch):
+    logp, logits = sequence_token_log_probs(policy, params['policy'], batch['inputs'],
+                                            batch['targets'], batch['segment_ids'])
+    mask = batch['mask']
+    policy_sums = losses.ppo_policy_loss(logp, batch['old_log_probs'], batch['advantages'], mask,
+                                         rl_config.clip_eps)
+    kl_sum = jnp.sum(losses.kl_estimate(logp, batch['ref_log_probs'], rl_config.kl_estimator)
+                     * mask)
+    total = policy_sums['loss']
+    sums = {'policy_loss': policy_sums['loss'], 'clip_fraction': policy_sums['clip_fraction'],
+            'kl': kl_sum, 'entropy': jnp.sum(entropy(logits) * mask),
+            'count': policy_sums['count']}
+    if rl_config.algorithm == 'grpo':
+      total = total + batch['kl_coef'] * kl_sum
+    else:
+      values = critic.apply({'params': params['value']}, batch['inputs'], None,
+                            batch['segment_ids'])
+      value_sums = losses.value_loss(values, batch['old_values'], batch['returns'], mask,
+                                     rl_config.value_clip_eps)
+      total = total + rl_config.value_coef * value_sums['loss']
+      sums['value_loss'] = value_sums['loss']
+    sums['loss'] = total
+    return total, sums
+  return loss_fn
+
+
+def make_step(loss_fn, optimizer, epochs: int, minibatches: int):
+  """A pure `(state, batch) -> (state, metrics)`: `epochs` passes over the rollout batch in
+  `minibatches` shuffled minibatches, one optimizer update each."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  per_example = ('inputs', 'targets', 'segment_ids', 'mask', 'old_log_probs', 'ref_log_probs',
+                 'advantages', 'old_values', 'returns')
+
+  def step(state, batch):
+    rng, shuffle_rng = jax.random.split(state.rng)
+    rows = batch['inputs'].shape[0]
+    order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(shuffle_rng, e), rows)
+                             for e in range(epochs)]).reshape(epochs * minibatches, -1)
+
+    def update(carry, indices):
+      params, opt_state = carry
+      minibatch = {k: v[indices] if k in per_example else v for k, v in batch.items()}
+      (_, sums), grads = grad_fn(params, minibatch)
+      count = jnp.maximum(sums['count'], 1.0)
+      grads = jax.tree.map(lambda g: g / count, grads)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), sums
+
+    (params, opt_state), sums = jax.lax.scan(update, (state.params, state.opt_state), order)
+    totals = jax.tree.map(jnp.sum, sums)
+    count = jnp.maximum(totals.pop('count'), 1.0)
+    metrics = {f'train/{k}': v / count for k, v in totals.items()}
+    mask = batch['mask']
+    responses = jnp.maximum(jnp.sum(batch['response_present']), 1.0)
+    metrics.update({
+        'rollout/mean_reward': jnp.mean(batch['rewards']),
+        'rollout/response_length': jnp.sum(mask) / responses,
+        'rollout/kl': jnp.sum((batch['old_log_probs'] - batch['ref_log_probs']) * mask)
+                      / responses,
+        'rollout/kl_coef': batch['kl_coef'],
+    })
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         rng=rng), metrics
+
+  return step
+
+
+class AdaptiveKL:
+  """Fixed KL coefficient, or the proportional controller of Ziegler et al. (2019) that steers
+  the per-reply KL towards `target`. Its value travels with the data state in checkpoints."""
+
+  def __init__(self, kl_config):
+    self.config = kl_config
+    self.value = float(kl_config.coef)
+
+  def update(self, observed_kl: float, batch_size: int) -> None:
+    if self.config.adaptive:
+      error = float(np.clip(observed_kl / self.config.target - 1.0, -0.2, 0.2))
+      self.value *= 1.0 + error * batch_size / self.config.horizon
+
+
+class PromptIterator:
+  """Batches of prompt indices, with the KL controller's state alongside the data position so
+  that both resume exactly."""
+
+  def __init__(self, grain_dataset, kl: AdaptiveKL):
+    self._iterator = iter(grain_dataset)
+    self.kl = kl
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._iterator)
+
+  def get_state(self):
+    return {'data': self._iterator.get_state(), 'kl_coef': self.kl.value}
+
+  def set_state(self, state):
+    self._iterator.set_state(state['data'])
+    self.kl.value = state['kl_coef']
+
+
+class Scorer:
+  """Turns rollouts into a training batch: rewards, reference log-probs, values, advantages."""
+
+  def __init__(self, rl_config, tokenizer, policy, critic, reward_model, reference_params,
+               reward_params, reward_stats):
+    self.config, self.tokenizer = rl_config, tokenizer
+    self.policy, self.critic, self.reward_model = policy, critic, reward_model
+    self.reference_params, self.reward_params = reference_params, reward_params
+    self.reward_stats = reward_stats
+    self._score = jax.jit(self._score_on_device)
+    self._reward_model_scores = jax.jit(
+        lambda params, tokens, last: reward_lib.rewards(reward_model, params, tokens, last))
+
+  def rewards(self, rollouts: Rollouts, examples: list[dict]):
+    """[B] rewards: a verifiable function of the decoded replies, or the reward model's score
+    normalised with its training statistics."""
+    if self.config.reward != 'model':
+      fn = REWARD_FUNCTIONS[self.config.reward]
+      return jnp.asarray([fn(reply, ex) for reply, ex in zip(rollouts.replies, examples)],
+                         jnp.float32)
+    tokens = jnp.concatenate([rollouts.inputs_BxT[:, :1], rollouts.targets_BxT], axis=1)
+    raw = self._reward_model_scores(self.reward_params, tokens, rollouts.last_index_B + 1)
+    return (raw - self.reward_stats['mean']) / self.reward_stats['std']
+
+  def _score_on_device(self, reference_params, arrays, rewards_B, kl_coef, value_params):
+    c = self.config
+    mask = arrays['mask']
+    ref_logp, _ = sequence_token_log_probs(self.policy, reference_params, arrays['inputs'],
+                                           arrays['targets'], arrays['segment_ids'])
+    batch = dict(arrays, ref_log_probs=ref_logp * mask, rewards=rewards_B, kl_coef=kl_coef,
+                 response_present=(jnp.sum(mask, axis=1) > 0).astype(jnp.float32))
+    if c.algorithm == 'grpo':
+      advantages = losses.group_advantages(rewards_B, c.rollout.samples_per_prompt)
+      batch.update(advantages=advantages[:, None] * mask, old_values=jnp.zeros_like(mask),
+                   returns=jnp.zeros_like(mask))
+    else:
+      values = self.critic.apply({'params': value_params}, arrays['inputs'], None,
+                                 arrays['segment_ids']) * mask
+      last = jax.nn.one_hot(arrays['last_index'], mask.shape[1]) * mask
+      token_rewards = -kl_coef * (arrays['old_log_probs'] - ref_logp) * mask
+      token_rewards = token_rewards + last * rewards_B[:, None]
+      advantages, returns = losses.gae(token_rewards, values, mask, c.ppo.gamma, c.ppo.lam)
+      mean = jnp.sum(advantages * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+      std = jnp.sqrt(jnp.sum(jnp.square(advantages - mean) * mask)
+                     / jnp.maximum(jnp.sum(mask), 1.0))
+      batch.update(advantages=(advantages - mean) / (std + 1e-6) * mask, old_values=values,
+                   returns=returns)
+    return batch
+
+  def batch(self, state, rollouts: Rollouts, examples: list[dict], kl_coef: float):
+    arrays = _arrays(rollouts)
+    return self._score(self.reference_params, arrays, self.rewards(rollouts, examples),
+                       jnp.float32(kl_coef), state.params.get('value'))
+
+
+def _arrays(rollouts: Rollouts) -> dict:
+  return {'inputs': rollouts.inputs_BxT, 'targets': rollouts.targets_BxT,
+              'segment_ids': rollouts.segment_ids_BxT, 'mask': rollouts.response_mask_BxT,
+              'old_log_probs': rollouts.log_probs_BxT * rollouts.response_mask_BxT,
+          'last_index': rollouts.last_index_B}
+
+
+def make_prepare_batch(rl_config, tokenizer, policy, scorer: Scorer, prompts: list[dict],
+                       iterator: PromptIterator, mesh):
+  """(state, prompt indices) -> training batch, sampling replies from the current policy."""
+  c = rl_config
+
+  def prepare(state, indices):
+    examples = [prompts[int(i)] for i in indices for _ in range(c.rollout.samples_per_prompt)]
+    rollouts = rollout(policy, state.params['policy'], tokenizer, examples,
+                       jax.random.fold_in(state.rng, 1), prompt_len=c.rollout.prompt_len,
+                       max_new_tokens=c.rollout.max_new_tokens,
+                       temperature=c.rollout.temperature, mesh=mesh)
+    batch = scorer.batch(state, rollouts, examples, iterator.kl.value)
+    if c.kl.adaptive:  # one host sync per step, only when the controller needs the KL
+      per_reply = float(jnp.sum((batch['old_log_probs'] - batch['ref_log_probs']))
+                        / max(len(examples), 1))
+      iterator.kl.update(per_reply, len(examples))
+    return batch
+
+  return prepare
+
+
+def make_evaluator(rl_config, tokenizer, policy, scorer: Scorer, examples: list[dict], mesh,
+                   log):
+  """params, step -> held-out format rate, exact match, mean reward and KL to the reference of
+  greedy replies."""
+  c = rl_config
+  examples = examples[:c.eval.num_prompts]
+  kl = jax.jit(lambda params, ref, a: jnp.sum(
+      (sequence_token_log_probs(policy, params, a['inputs'], a['targets'], a['segment_ids'])[0]
+       - sequence_token_log_probs(policy, ref, a['inputs'], a['targets'],
+                                  a['segment_ids'])[0]) * a['mask']))
+
+  def evaluate(params, step):
+    if not examples:
+      return {}
+    results = {}
+    replies, rewards, kl_total = [], [], 0.0
+    batch_size = c.eval.batch_size
+    for start in range(0, len(examples), batch_size):
+      chunk = examples[start:start + batch_size]
+      padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+      rollouts = rollout(policy, params['policy'], tokenizer, padded, jax.random.PRNGKey(step),
+                         prompt_len=c.rollout.prompt_len, max_new_tokens=c.rollout.max_new_tokens,
+                         temperature=0.0, mesh=mesh)
+      keep = len(chunk)
+      replies += rollouts.replies[:keep]
+      rewards += list(jax.device_get(scorer.rewards(rollouts, padded))[:keep])
+      arrays = _arrays(rollouts)
+      arrays['mask'] = arrays['mask'] * (jnp.arange(batch_size) < keep)[:, None]
+      kl_total += float(kl(params['policy'], scorer.reference_params, arrays))
+    for example, reply in list(zip(examples, replies))[:c.eval.num_samples]:
+      log(f'reply at step {step}: {example["messages"][-1]["content"]!r} -> {reply!r}')
+    if all(e.get('answer') for e in examples):
+      results.update(chat.answer_metrics(replies, [e['answer'] for e in examples]))
+    results['eval/mean_reward'] = float(np.mean(rewards))
+    results['eval/kl'] = kl_total / len(examples)
+    return results
+
+  return evaluate

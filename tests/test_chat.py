@@ -1,0 +1,134 @@
+"""The chat template token by token, its loss mask built independently from the messages, and
+answer parsing and scoring against hand-made replies."""
+
+import numpy as np
+import pytest
+
+from jaxlm import chat
+from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.data import world as world_lib
+
+# The ids the tokenizer module documents: bos 1, then the chat markers in CHAT_TOKENS order.
+BOS, SYSTEM, USER, ASSISTANT, END_OF_TURN = 1, 3, 4, 5, 6
+ROLE_IDS = {'system': SYSTEM, 'user': USER, 'assistant': ASSISTANT}
+
+CONVERSATION = [
+    {'role': 'system', 'content': 'You answer questions about the world briefly.'},
+    {'role': 'user', 'content': 'What is 12 + 30?'},
+    {'role': 'assistant', 'content': 'Answer: 42'},
+    {'role': 'user', 'content': 'Where does Bolo Kestral live?'},
+    {'role': 'assistant', 'content': 'Answer: Carrow'},
+]
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory):
+  path = tmp_path_factory.mktemp('tokenizer') / 'tokenizer.model'
+  return tokenizer_lib.Tokenizer.train(world_lib.World().documents('train', 500), str(path),
+                                       vocab_size=512, model_type='bpe')
+
+
+def _expected(tokenizer, messages):
+  """(tokens, mask) by walking the messages with the documented literal ids."""
+  tokens, mask = [BOS], [0]
+  for message in messages:
+    content = tokenizer.encode(message['content'])
+    counted = 1 if message['role'] == 'assistant' else 0
+    tokens.append(ROLE_IDS[message['role']])
+    mask.append(0)
+    for token in content:
+      tokens.append(token)
+      mask.append(counted)
+    tokens.append(END_OF_TURN)
+    mask.append(counted)
+  return tokens, mask
+
+
+def test_role_ids_are_the_reserved_chat_tokens(tokenizer):
+  assert {role: chat.role_id(tokenizer, role) for role in chat.ROLES} == ROLE_IDS
+  assert chat.end_of_turn_id(tokenizer) == END_OF_TURN
+
+
+def test_conversation_is_encoded_token_by_token(tokenizer):
+  tokens, mask = chat.encode(tokenizer, CONVERSATION)
+  assert tokens.dtype == np.int32 and mask.dtype == np.int32
+  want_tokens, want_mask = _expected(tokenizer, CONVERSATION)
+  np.testing.assert_array_equal(tokens, want_tokens)
+  np.testing.assert_array_equal(mask, want_mask)
+
+  # Read the sequence back turn by turn: bos, then role, content, end_of_turn for each message.
+  assert tokens[0] == BOS
+  at = 1
+  for message in CONVERSATION:
+    assert tokens[at] == ROLE_IDS[message['role']], message
+    end = at + 1 + list(tokens[at + 1:]).index(END_OF_TURN)
+    assert tokenizer.decode(tokens[at + 1:end]) == message['content']
+    at = end + 1
+  assert at == len(tokens)
+
+
+def test_loss_mask_is_exactly_the_assistant_replies_and_their_end_of_turn(tokenizer):
+  tokens, mask = chat.encode(tokenizer, CONVERSATION)
+  replies = [tokenizer.encode(m['content']) + [END_OF_TURN]
+             for m in CONVERSATION if m['role'] == 'assistant']
+  # The counted tokens, read in order, are the replies' content ids and end_of_turn, and nothing
+  # else: no bos, no role marker, no system or user token.
+  assert tokens[mask == 1].tolist() == sum(replies, [])
+  assert mask.sum() == sum(len(r) for r in replies)
+  assert not np.isin(tokens[mask == 1], [BOS, SYSTEM, USER, ASSISTANT]).any()
+  assert set(np.unique(mask)) == {0, 1}
+
+
+def test_generation_prompt_appends_the_assistant_role_uncounted(tokenizer):
+  prompt = CONVERSATION[:4]
+  tokens, mask = chat.encode(tokenizer, prompt)
+  with_prompt, with_prompt_mask = chat.encode(tokenizer, prompt, add_generation_prompt=True)
+  np.testing.assert_array_equal(with_prompt, list(tokens) + [ASSISTANT])
+  np.testing.assert_array_equal(with_prompt_mask, list(mask) + [0])
+
+
+def test_an_unknown_role_is_an_error_naming_it(tokenizer):
+  with pytest.raises(ValueError, match="'tool'"):
+    chat.encode(tokenizer, [{'role': 'user', 'content': 'hi'}, {'role': 'tool', 'content': 'x'}])
+
+
+@pytest.mark.parametrize('answer', ['42', '0', 'Carrow', 'a red fox', 'x'])
+def test_format_and_parse_answer_round_trip(answer):
+  reply = chat.format_answer(answer)
+  assert reply == 'Answer: ' + answer
+  assert chat.parse_answer(reply) == answer
+
+
+@pytest.mark.parametrize('reply', [
+    '42',  # the bare answer
+    'The answer is 42.',
+    'Answer:',  # empty answer
+    'Answer: ',
+    'Answer:42',  # no space after the colon
+    'answer: 42',  # wrong case
+    ' Answer: 42',  # leading space
+    'Answer: 42 ',  # trailing space
+    'Answer:  42',  # two spaces
+    'Answer: 42\nAnswer: 43',  # multi-line
+    'Answer: 4\n2',
+    'Let me think.\nAnswer: 42',
+    '',
+])
+def test_off_format_replies_parse_to_none(reply):
+  assert chat.parse_answer(reply) is None
+
+
+def test_answer_metrics_match_a_hand_count():
+  replies = ['Answer: 42',  # well formed, right
+             'Answer: carrow',  # well formed, right ignoring case
+             'Answer: 43',  # well formed, wrong
+             'The answer is 7.',  # off format (though the answer is right)
+             'Answer: Carrow and more',  # well formed, wrong
+             '']  # off format
+  answers = ['42', 'Carrow', '42', '7', 'Carrow', 'x']
+  got = chat.answer_metrics(replies, answers)
+  assert got == {'eval/format_rate': 4 / 6, 'eval/exact_match': 2 / 6}
+
+
+def test_answer_metrics_of_no_replies_are_zero():
+  assert chat.answer_metrics([], []) == {'eval/format_rate': 0.0, 'eval/exact_match': 0.0}

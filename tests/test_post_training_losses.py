@@ -1,0 +1,291 @@
+"""Post-training losses against references computed another way: the SFT loss in float64 numpy,
+packed conversations against one per row, Bradley–Terry and its gradient analytically, and the
+reward model's read-out against the head applied by hand."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import losses
+from jaxlm import model as model_lib
+from jaxlm import reward
+from jaxlm import tokenizer as tokenizer_lib
+from jaxlm import trainer
+from jaxlm.data import post_training as data_lib
+from jaxlm.data import world as world_lib
+
+SEQ_LEN = 64
+# float32 log-softmax over 512 logits is good to ~1e-6 relative per token; sums over ~100 counted
+# tokens stay within ~1e-6 relative of float64 (as in test_losses). A missing weight, a wrong
+# target or a dropped segment mask moves a sum by > 1e-2.
+RTOL = 1e-5
+# The same rows through differently shaped programs (packed vs one per row, padded vs alone):
+# float32 sums in another order differ by a few ulps of values ~1 per activation; per-token
+# losses ~6 then agree to ~1e-5, sums of ~10 of them to ~1e-4 at worst. A leak between packed
+# conversations moves a sum by > 1e-1 (asserted below).
+REORDER_ATOL = 2e-4
+# Masked keys get softmax weight exactly 0: only XLA re-association separates the results.
+MASKED_ATOL = 1e-6
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory):
+  path = tmp_path_factory.mktemp('tokenizer') / 'tokenizer.model'
+  return tokenizer_lib.Tokenizer.train(world_lib.World().documents('train', 500), str(path),
+                                       vocab_size=512, model_type='bpe')
+
+
+@pytest.fixture(scope='module')
+def config(tokenizer):
+  return model_lib.ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, num_layers=2,
+                               num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                               max_seq_len=SEQ_LEN)
+
+
+@pytest.fixture(scope='module')
+def lm(config):
+  model = model_lib.Transformer(config)
+  boxed = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  return model, nn.meta.unbox(boxed['params'])
+
+
+@pytest.fixture(scope='module')
+def scalar(config):
+  """A reward model whose head is random (it is initialised to zero, which would hide a wrong
+  read-out position)."""
+  model = model_lib.ScalarHeadModel(config)
+  boxed = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))
+  params = nn.meta.unbox(boxed['params'])
+  rng = np.random.default_rng(0)
+  params['head'] = {'kernel': jnp.asarray(rng.standard_normal((config.d_model, 1)), jnp.float32),
+                    'bias': jnp.asarray([0.3], jnp.float32)}
+  return model, params
+
+
+@pytest.fixture(scope='module')
+def sft_rows(tokenizer):
+  examples = data_lib.world_sft_examples(world_lib.World(), 'train', 12) + [
+      {'messages': [{'role': 'system', 'content': 'Be brief.'},
+                    {'role': 'user', 'content': 'What is 1 + 1?'},
+                    {'role': 'assistant', 'content': 'Answer: 2'},
+                    {'role': 'user', 'content': 'And 2 + 2?'},
+                    {'role': 'assistant', 'content': 'Answer: 4'}], 'answer': '4'}]
+  rows, stats = data_lib.tokenize_conversations(tokenizer, examples, SEQ_LEN)
+  assert stats['dropped'] == 0
+  return rows
+
+
+def _log_softmax64(logits):
+  x = np.asarray(logits, np.float64)
+  m = x.max(axis=-1, keepdims=True)
+  log_z = m[..., 0] + np.log(np.exp(x - m).sum(axis=-1))
+  return x - log_z[..., None], log_z
+
+
+@pytest.mark.parametrize('z_loss', [0.0, 1e-3])
+def test_sft_loss_is_the_masked_mean_of_float64_log_softmax(lm, sft_rows, z_loss):
+  model, params = lm
+  batch = next(iter(data_lib.packed_conversation_batches(sft_rows, SEQ_LEN, 4, seed=0,
+                                                         shuffle=False, repeat=False)))
+  assert batch['segment_ids'].max() > 1  # packed: the loss must respect segments and positions
+  loss, sums = jax.jit(trainer.language_model_loss(model, z_loss))(params, batch, None)
+
+  logits, _ = jax.jit(model.apply)({'params': params}, batch['inputs'], batch['positions'],
+                          batch['segment_ids'])
+  log_probs, log_z = _log_softmax64(logits)
+  nll = -np.take_along_axis(log_probs, batch['targets'][..., None], -1)[..., 0]
+  w = batch['weights'].astype(np.float64)
+  assert 0 < w.sum() < (batch['segment_ids'] > 0).sum()  # replies only, not every token
+  want_nll = np.sum(nll * w)
+  want_loss = want_nll + z_loss * np.sum(log_z**2 * w)
+  np.testing.assert_allclose(float(loss), want_loss, rtol=RTOL)
+  np.testing.assert_allclose(float(sums['nll']), want_nll, rtol=RTOL)
+  np.testing.assert_allclose(float(sums['count']), w.sum(), rtol=0)
+  # The trainer divides once by the count: that is the masked mean.
+  np.testing.assert_allclose(float(sums['loss'] / sums['count']), want_loss / w.sum(), rtol=RTOL)
+
+
+PACK_LEN = 128  # room for three conversations of up to SEQ_LEN tokens
+
+
+def _pack(rows, segment_ids_for=lambda i: i + 1):
+  """One row holding `rows` back to back, then padding."""
+  batch = {k: np.zeros((1, PACK_LEN), np.float32 if k == 'weights' else np.int32)
+           for k in ('inputs', 'targets', 'weights', 'positions', 'segment_ids')}
+  at = 0
+  for i, row in enumerate(rows):
+    n = len(row['inputs'])
+    for k in ('inputs', 'targets', 'weights'):
+      batch[k][0, at:at + n] = row[k]
+    batch['positions'][0, at:at + n] = np.arange(n)
+    batch['segment_ids'][0, at:at + n] = segment_ids_for(i)
+    at += n
+  assert at < PACK_LEN
+  return batch
+
+
+def _one_per_row(rows):
+  batches = [_pack([row]) for row in rows]
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def _sums_per_segment(loss_fn, params, batch, segments):
+  """Loss sum of each segment (row-major, ids 1..), by weighting that segment only."""
+  out = []
+  for row, segment in segments:
+    only = dict(batch, weights=batch['weights'] * (
+        (np.arange(len(batch['weights']))[:, None] == row) & (batch['segment_ids'] == segment)))
+    out.append(float(loss_fn(params, only, None)[1]['loss']))
+  return np.asarray(out)
+
+
+def test_packed_conversations_have_the_losses_they_have_alone(lm, sft_rows):
+  model, params = lm
+  loss_fn = jax.jit(trainer.language_model_loss(model))
+  rows = sft_rows[-1:] + sft_rows[:2]  # the multi-turn one first, then two short ones
+  k = len(rows)
+
+  packed = _pack(rows)
+  alone = _one_per_row(rows)
+  got = _sums_per_segment(loss_fn, params, packed, [(0, s) for s in range(1, k + 1)])
+  want = _sums_per_segment(loss_fn, params, alone, [(r, 1) for r in range(k)])
+  assert np.all(want > 1)
+  np.testing.assert_allclose(got, want, rtol=0, atol=REORDER_ATOL)
+  # The total is the sum of the parts.
+  np.testing.assert_allclose(float(loss_fn(params, packed, None)[0]), want.sum(), rtol=RTOL)
+
+  # The same row with one segment id for all lets later conversations see earlier ones: the test
+  # would notice a loss that ignored segment ids.
+  leaky = _pack(rows, segment_ids_for=lambda i: 1)
+  leaked = _sums_per_segment(loss_fn, params, dict(leaky, segment_ids=packed['segment_ids']),
+                             [(0, s) for s in range(1, k + 1)])
+  np.testing.assert_allclose(leaked, got, rtol=0, atol=MASKED_ATOL)  # weights only, same logits
+  leaky_sums = []
+  for s in range(1, k + 1):
+    only = dict(leaky, weights=leaky['weights'] * (packed['segment_ids'] == s))
+    leaky_sums.append(float(loss_fn(params, only, None)[1]['loss']))
+  assert abs(leaky_sums[0] - want[0]) < REORDER_ATOL  # the first sees nothing before it anyway
+  assert np.all(np.abs(np.asarray(leaky_sums[1:]) - want[1:]) > 1e-1), (leaky_sums, want)
+
+
+@pytest.fixture
+def rewards_pair():
+  rng = np.random.default_rng(0)
+  chosen = rng.standard_normal(9).astype(np.float32)
+  rejected = rng.standard_normal(9).astype(np.float32)
+  rejected[0] = chosen[0]  # a tie is not counted as correct
+  chosen[1], rejected[1] = 30.0, -30.0  # confidently right
+  chosen[2], rejected[2] = -30.0, 30.0  # confidently wrong: -log σ(-60) ≈ 60, no overflow
+  return chosen, rejected
+
+
+def _sigmoid64(x):
+  return 0.5 * (1 + np.tanh(0.5 * x))
+
+
+@pytest.mark.parametrize('margin, centering', [(0.0, 0.0), (0.5, 0.0), (0.0, 0.1), (0.7, 0.05)])
+def test_bradley_terry_matches_float64_numpy_and_its_analytic_gradient(rewards_pair, margin,
+                                                                       centering):
+  chosen, rejected = rewards_pair
+  rc, rr = chosen.astype(np.float64), rejected.astype(np.float64)
+  gap = rc - rr
+  x = gap - margin
+  # -log σ(x) = log(1 + e^-x), written stably for large |x|.
+  want = {'loss': np.sum(np.logaddexp(0, -x) + centering * (rc + rr)**2),
+          'correct': np.sum(gap > 0), 'reward_gap': np.sum(gap), 'count': len(gap)}
+  got = losses.bradley_terry(jnp.asarray(chosen), jnp.asarray(rejected), margin, centering)
+  assert set(got) == set(want)
+  assert want['correct'] == np.sum(gap > 0) and 0 < want['correct'] < len(gap) - 1
+  for key in want:
+    # Loss terms are O(1) to 60 in float32: relative error ~1e-7 each.
+    np.testing.assert_allclose(float(got[key]), want[key], rtol=RTOL, err_msg=key)
+
+  grads = jax.grad(
+      lambda c, r: losses.bradley_terry(c, r, margin, centering)['loss'], argnums=(0, 1))(
+          jnp.asarray(chosen), jnp.asarray(rejected))
+  centre = 2 * centering * (rc + rr)
+  want_dc = -_sigmoid64(-x) + centre
+  want_dr = _sigmoid64(-x) + centre
+  # Gradient entries are within [-1, 1] plus the centring term; float32 sigmoid is good to ~1e-7.
+  np.testing.assert_allclose(np.asarray(grads[0]), want_dc, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(grads[1]), want_dr, rtol=0, atol=1e-6)
+
+
+def test_bradley_terry_takes_bfloat16_rewards_in_float32(rewards_pair):
+  chosen, rejected = rewards_pair
+  c16, r16 = jnp.asarray(chosen, jnp.bfloat16), jnp.asarray(rejected, jnp.bfloat16)
+  got = losses.bradley_terry(c16, r16, 0.5, 0.1)
+  want = losses.bradley_terry(c16.astype(jnp.float32), r16.astype(jnp.float32), 0.5, 0.1)
+  for key in ('loss', 'reward_gap', 'count'):
+    assert got[key].dtype == jnp.float32, key
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key])  # the same float32 program
+
+
+@pytest.fixture(scope='module')
+def pair_batch(tokenizer):
+  pairs = data_lib.world_preference_pairs(world_lib.World(), 'train', 4,
+                                          {'wrong': 1, 'off_format': 1, 'rambling': 1}, seed=0)
+  rows = reward.pair_rows(tokenizer, pairs, SEQ_LEN, 'test')
+  assert len(rows) == 4
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _hidden(model, params, tokens_BxL):
+  return model.apply({'params': params}, tokens_BxL,
+                     method=lambda m, t: m.transformer.hidden_states(t)[0])
+
+
+def test_reward_is_the_head_on_the_last_tokens_hidden_state(scalar, pair_batch):
+  model, params = scalar
+  tokens, last = pair_batch['chosen'], pair_batch['chosen_last']
+  assert len(set(last.tolist())) > 1  # rows of different lengths
+  got = np.asarray(reward.rewards(model, params, jnp.asarray(tokens), jnp.asarray(last)))
+
+  # Each conversation alone, unpadded, through the backbone; the head applied in float64.
+  # The backbone without any segment mask: causal attention alone keeps the padding after
+  # `last` out of position `last`. The head is applied by hand, in float64.
+  hidden = np.asarray(jax.jit(_hidden, static_argnums=0)(model, params, jnp.asarray(tokens)),
+                      np.float64)
+  kernel = np.asarray(params['head']['kernel'], np.float64)[:, 0]
+  bias = float(params['head']['bias'][0])
+  want = hidden[np.arange(len(last)), last] @ kernel + bias
+  assert np.ptp(want) > 1e-1  # rewards differ between rows, so a wrong position would show
+  # Hidden states ~1 per feature (RMS-normalised), through a kernel ~1: float32 rounding in a
+  # differently masked program, ~1e-5 at most.
+  np.testing.assert_allclose(got, want, rtol=0, atol=REORDER_ATOL)
+
+  # A position one off reads another value.
+  off = np.asarray(reward.rewards(model, params, jnp.asarray(tokens), jnp.asarray(last - 1)))
+  assert np.all(np.abs(off - want) > 1e-3)
+
+
+def test_reward_does_not_depend_on_the_padding(scalar, pair_batch, config):
+  model, params = scalar
+  tokens, last = pair_batch['chosen'], pair_batch['chosen_last']
+  padding = np.arange(SEQ_LEN)[None, :] > last[:, None]
+  assert padding.any(axis=1).all()
+  noisy = np.where(padding, np.random.default_rng(0).integers(7, config.vocab_size, tokens.shape),
+                   tokens).astype(np.int32)
+  before = reward.rewards(model, params, jnp.asarray(tokens), jnp.asarray(last))
+  after = reward.rewards(model, params, jnp.asarray(noisy), jnp.asarray(last))
+  np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=0, atol=MASKED_ATOL)
+
+
+def test_reward_model_loss_is_bradley_terry_of_separately_scored_rows(scalar, pair_batch):
+  model, params = scalar
+  margin, centering = 0.2, 0.05
+  batch = {k: jnp.asarray(v) for k, v in pair_batch.items()}
+  loss, sums = reward.bradley_terry_loss(model, margin, centering)(params, batch, None)
+
+  chosen = reward.rewards(model, params, batch['chosen'], batch['chosen_last'])
+  rejected = reward.rewards(model, params, batch['rejected'], batch['rejected_last'])
+  assert np.all(np.abs(np.asarray(chosen - rejected)) > 1e-2)  # swapping halves would show
+  want = losses.bradley_terry(chosen, rejected, margin, centering)
+  # One forward pass over 8 rows against two over 4: float32 reordering only.
+  np.testing.assert_allclose(float(loss), float(want['loss']), rtol=RTOL, atol=REORDER_ATOL)
+  for key in want:
+    np.testing.assert_allclose(float(sums[key]), float(want[key]), rtol=RTOL,
+                               atol=REORDER_ATOL, err_msg=key)
