@@ -32,9 +32,9 @@ def _validate(config):
   configs.validate(config, {'data.source': data_lib.SOURCES, 'algorithm': rl.ALGORITHMS,
                             'reward': tuple(rl.REWARD_FUNCTIONS) + ('model',),
                             'kl_estimator': ('k1', 'k2', 'k3')})
-  if (config.reward == 'model' or config.algorithm == 'ppo') and not config.reward_workdir:
+  if config.reward == 'model' and not config.reward_workdir:
     raise ValueError('config.reward_workdir must name a reward-model workdir when '
-                     'config.reward is "model" or config.algorithm is "ppo"')
+                     'config.reward is "model"')
   rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
   if rows % config.minibatches:
     raise ValueError(f'config.rollout.prompts_per_step * samples_per_prompt ({rows}) must be '
@@ -80,12 +80,14 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
       return params
 
     load_policy = lm.params_loader(config.init_workdir)
-    load_value = lm.params_loader(config.reward_workdir) if is_ppo else None
 
     def load_params(params):
       loaded = {'policy': load_policy(params['policy'])}
-      if is_ppo:
-        loaded['value'] = load_value(params['value'])
+      if is_ppo and config.reward_workdir:  # the critic starts as the reward model
+        loaded['value'] = lm.params_loader(config.reward_workdir)(params['value'])
+      elif is_ppo:  # or as the policy's backbone with a fresh head
+        loaded['value'] = {**params['value'],
+                           'transformer': load_policy(params['value']['transformer'])}
       return loaded
 
     sequence = config.rollout.prompt_len + config.rollout.max_new_tokens

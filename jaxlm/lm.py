@@ -36,7 +36,7 @@ def tokenizer_for(config, workdir: str, train_documents) -> tokenizer_lib.Tokeni
 
 def model_config(config, tokenizer) -> model_lib.ModelConfig:
   vocab = math.ceil(tokenizer.vocab_size / config.model.vocab_multiple) * config.model.vocab_multiple
-  return model_lib.ModelConfig.from_config(config.model, vocab)
+  return model_lib.ModelConfig.from_config(config.model, vocab, tokenizer.vocab_size)
 
 
 def init_params_fn(model: model_lib.Transformer, seq_len: int):
@@ -116,7 +116,7 @@ def complete(model, params, tokenizer, prompts: list, rng, *, max_new_tokens: in
     tokens, ends = jax.device_get(sampling.generate(
         model, params, jnp.asarray(padded), jnp.asarray(lengths), jax.random.fold_in(rng, start),
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_id=eos_id, vocab_size=tokenizer.vocab_size))
+        eos_id=eos_id))
     results += [[int(t) for t in tokens[row, lengths[row]:ends[row]] if t != eos_id]
                 for row in range(len(chunk))]
   return results

@@ -90,10 +90,12 @@ def kl_estimate(logp_BxT, ref_logp_BxT, kind: str = 'k3'):
 def gae(rewards_BxT, values_BxT, mask_BxT, gamma, lam):
   """Generalised advantage estimation, returning (advantages_BxT, returns_BxT) in float32.
 
-  Each row's valid tokens (mask 1; a response is a prefix of ones then zeros) are one episode:
+  A response is a run of ones in the mask (prompt zeros may precede it, padding zeros follow),
+  and is one episode:
     delta_t = r_t + gamma * V_{t+1} - V_t,     A_t = delta_t + gamma * lam * A_{t+1},
-  with V and A after the last valid token taken as 0 (the episode ends there, so the final token's
-  reward is not bootstrapped). More generally every maximal run of ones is its own episode.
+  with V and A after its last token taken as 0 (the episode ends there, so the final token's
+  reward is not bootstrapped). A row holding several responses (runs of ones separated by zeros)
+  is several episodes: nothing flows back across a zero.
   Rewards and values on masked positions are ignored; advantages and returns (= advantages +
   values) are 0 there. Runs as a reverse `jax.lax.scan` over T.
   """
@@ -101,7 +103,7 @@ def gae(rewards_BxT, values_BxT, mask_BxT, gamma, lam):
   rewards = rewards_BxT.astype(jnp.float32) * mask
   values = values_BxT.astype(jnp.float32) * mask
   next_mask_BxT = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
-  next_values_BxT = jnp.pad(values[:, 1:], ((0, 0), (0, 1))) * next_mask_BxT
+  next_values_BxT = jnp.pad(values[:, 1:], ((0, 0), (0, 1)))  # 0 after a response ends
   deltas_BxT = rewards + gamma * next_values_BxT - values
 
   def step(next_advantage_B, inputs):

@@ -44,11 +44,14 @@ class ModelConfig:
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   attention_impl: str = 'xla'
+  # Ids from here to vocab_size only pad the embedding for sharding: never predicted. 0: none.
+  tokenizer_vocab_size: int = 0
 
   @classmethod
-  def from_config(cls, config, vocab_size: int) -> 'ModelConfig':
-    fields = {f.name for f in dataclasses.fields(cls)} - {'vocab_size'}
-    return cls(vocab_size=vocab_size, **{k: config[k] for k in fields if k in config})
+  def from_config(cls, config, vocab_size: int, tokenizer_vocab_size: int = 0) -> 'ModelConfig':
+    fields = {f.name for f in dataclasses.fields(cls)} - {'vocab_size', 'tokenizer_vocab_size'}
+    return cls(vocab_size=vocab_size, tokenizer_vocab_size=tokenizer_vocab_size,
+               **{k: config[k] for k in fields if k in config})
 
   def num_params(self, include_embeddings: bool = True) -> int:
     attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
@@ -225,7 +228,12 @@ class Transformer(nn.Module):
       logits = self.embed.attend(hidden_BxLxD)
     else:
       logits = self.unembed(hidden_BxLxD)
-    return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'act_vocab'))
+    logits = logits.astype(jnp.float32)
+    if 0 < self.config.tokenizer_vocab_size < self.config.vocab_size:
+      # Finite, so that entropies (p * log p) stay 0 rather than NaN on these ids.
+      logits = jnp.where(jnp.arange(self.config.vocab_size) < self.config.tokenizer_vocab_size,
+                         logits, -1e9)
+    return nn.with_logical_constraint(logits, ('batch', 'length', 'act_vocab'))
 
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, cache=None):
     hidden, cache = self.hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL, cache)

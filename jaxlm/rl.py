@@ -89,8 +89,7 @@ def rollout(model, params, tokenizer, examples: list[dict], rng, *, prompt_len: 
   placed = sharding.put_batch({'prompts': prompts, 'lengths': prompt_lengths}, mesh)
   tokens, ends, log_probs = sampling.generate(
       model, params, placed['prompts'], placed['lengths'], rng, max_new_tokens=max_new_tokens,
-      temperature=temperature, eos_id=chat.end_of_turn_id(tokenizer),
-      vocab_size=tokenizer.vocab_size, return_log_probs=True)
+      temperature=temperature, eos_id=chat.end_of_turn_id(tokenizer), return_log_probs=True)
   host_tokens, host_ends = jax.device_get((tokens, ends))
   replies = [tokenizer.decode(t for t in host_tokens[row, prompt_lengths[row]:host_ends[row]]
                               if t != chat.end_of_turn_id(tokenizer))

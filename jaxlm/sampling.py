@@ -32,14 +32,11 @@ def filter_logits(logits_BxV, temperature: float, top_k: int, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
-                                             'top_p', 'eos_id', 'vocab_size',
-                                             'return_log_probs'))
+                                             'top_p', 'eos_id', 'return_log_probs'))
 def generate(model: model_lib.Transformer, params, prompts_BxP, prompt_lengths_B, rng, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None, vocab_size: int | None = None,
-             return_log_probs: bool = False):
-  """Samples continuations; temperature 0 is greedy. Ids from `vocab_size` up (the embedding's
-  padding beyond the tokenizer's vocabulary) are never sampled.
+             eos_id: int | None = None, return_log_probs: bool = False):
+  """Samples continuations; temperature 0 is greedy.
 
   Returns (tokens [B, P + max_new_tokens] with each row's continuation starting at its prompt
   length, lengths [B] of prompt plus generated tokens up to and including eos). With
@@ -67,8 +64,6 @@ def generate(model: model_lib.Transformer, params, prompts_BxP, prompt_lengths_B
   def step(carry):
     i, tokens, log_probs, cache, logits_BxV, done_B, rng = carry
     rng, step_rng = jax.random.split(rng)
-    if vocab_size is not None:
-      logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab_size, logits_BxV, -jnp.inf)
     next_B = sample(logits_BxV, step_rng)
     position_B = prompt_lengths_B + i
     tokens = tokens.at[jnp.arange(B), position_B].set(jnp.where(done_B, 0, next_B))

@@ -3,6 +3,7 @@ hand, packing that keeps each conversation whole, JSONL records, and preference 
 
 import collections
 import json
+import re
 
 import numpy as np
 import pytest
@@ -175,27 +176,45 @@ GOOD_SFT = json.dumps({'prompt': 'q', 'response': 'r'})
 GOOD_PAIR = json.dumps({'prompt': 'q', 'chosen': 'c', 'rejected': 'r'})
 
 
-@pytest.mark.parametrize('parse, good, bad', [
-    (data_lib.conversation_from_record, GOOD_SFT, '{"prompt": "q"'),  # not JSON
-    (data_lib.conversation_from_record, GOOD_SFT, '{"prompt": "q"}'),  # no response
-    (data_lib.conversation_from_record, GOOD_SFT, '{"messages": [{"role": "bot", "content": "x"}]}'),
-    (data_lib.conversation_from_record, GOOD_SFT, '{"messages": [{"role": "user", "content": 3}]}'),
-    (data_lib.preference_from_record, GOOD_PAIR, '{"prompt": "q", "chosen": "c"}'),
-    (data_lib.preference_from_record, GOOD_PAIR, '{"prompt": 3, "chosen": "c", "rejected": "r"}'),
-    (data_lib.preference_from_record, GOOD_PAIR, '{"chosen": "c", "rejected": "r"}'),
+SFT, PAIR = data_lib.conversation_from_record, data_lib.preference_from_record
+
+
+@pytest.mark.parametrize('parse, bad', [
+    (SFT, '{"prompt": "q"'),  # not JSON
+    (SFT, '{"prompt": "q"}'),  # no response
+    (SFT, '{"messages": [{"role": "bot", "content": "x"}]}'),  # unknown role
+    (SFT, '{"messages": [{"role": "user", "content": 3}]}'),  # content not a string
+    (PAIR, '{"prompt": "q", "chosen": "c"}'),  # no rejected
+    (PAIR, '{"prompt": 3, "chosen": "c", "rejected": "r"}'),  # prompt not a string
+    (PAIR, '{"chosen": "c", "rejected": "r"}'),  # no prompt
 ])
-def test_a_bad_jsonl_record_is_an_error_naming_path_and_line(tmp_path, parse, good, bad):
+def test_a_bad_jsonl_record_is_an_error_naming_path_and_line(tmp_path, parse, bad):
+  good = GOOD_SFT if parse is SFT else GOOD_PAIR
   path = _write(tmp_path / 'data.jsonl', [good, good, bad, good])
-  with pytest.raises(ValueError, match=f'^{path}:3: '):
+  with pytest.raises(ValueError, match=f'^{re.escape(path)}:3: '):
     data_lib.from_jsonl(path, parse)
 
 
-@pytest.mark.xfail(strict=True, reason='from_jsonl numbers records, not lines: blank lines shift '
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason='from_jsonl numbers records, not lines: blank lines shift '
                    'the reported line (reported to the library owner)')
 def test_a_bad_record_after_a_blank_line_names_its_own_line(tmp_path):
   path = _write(tmp_path / 'data.jsonl', [GOOD_SFT, '', '{"prompt": "q"}'])
-  with pytest.raises(ValueError, match=f'^{path}:3: '):
-    data_lib.from_jsonl(path, data_lib.conversation_from_record)
+  with pytest.raises(ValueError, match=f'^{re.escape(path)}:3: '):
+    data_lib.from_jsonl(path, SFT)
+
+
+@pytest.mark.xfail(strict=True, raises=(TypeError, AttributeError),
+                   reason='a record that is not an object, or messages that are not a list of '
+                   'objects, escape as TypeError/AttributeError without path:line (reported)')
+@pytest.mark.parametrize('parse, bad', [
+    (SFT, '5'), (SFT, '"messages"'), (SFT, '{"messages": "hi"}'), (SFT, '{"messages": ["hi"]}'),
+    (PAIR, '["chosen", "rejected"]'),
+])
+def test_a_record_of_the_wrong_json_type_is_an_error_naming_path_and_line(tmp_path, parse, bad):
+  path = _write(tmp_path / 'data.jsonl', [bad])
+  with pytest.raises(ValueError, match=f'^{re.escape(path)}:1: '):
+    data_lib.from_jsonl(path, parse)
 
 
 def test_a_missing_jsonl_file_is_an_error_naming_it(tmp_path):

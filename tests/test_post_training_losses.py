@@ -16,7 +16,10 @@ from jaxlm import trainer
 from jaxlm.data import post_training as data_lib
 from jaxlm.data import world as world_lib
 
-SEQ_LEN = 64
+SEQ_LEN = 64  # reward-model rows
+ROW_LEN = 128  # SFT rows: room for several conversations packed together
+SFT_BATCH = 3  # every SFT batch here is [SFT_BATCH, ROW_LEN], so each program compiles once
+Z_LOSS = 1e-3
 # float32 log-softmax over 512 logits is good to ~1e-6 relative per token; sums over ~100 counted
 # tokens stay within ~1e-6 relative of float64 (as in test_losses). A missing weight, a wrong
 # target or a dropped segment mask moves a sum by > 1e-2.
@@ -26,6 +29,9 @@ RTOL = 1e-5
 # losses ~6 then agree to ~1e-5, sums of ~10 of them to ~1e-4 at worst. A leak between packed
 # conversations moves a sum by > 1e-1 (asserted below).
 REORDER_ATOL = 2e-4
+# Rewards ~1 (RMS-normalised hidden states through a head ~1), computed with and without the
+# segment mask: float32 rounding ~1e-7. Reading one position off moves a reward by > 1e-3.
+REWARD_ATOL = 1e-5
 # Masked keys get softmax weight exactly 0: only XLA re-association separates the results.
 MASKED_ATOL = 1e-6
 
@@ -41,38 +47,51 @@ def tokenizer(tmp_path_factory):
 def config(tokenizer):
   return model_lib.ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, num_layers=2,
                                num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
-                               max_seq_len=SEQ_LEN)
+                               max_seq_len=ROW_LEN)
+
+
+def _random_params(model, seed):
+  """Random float32 params with `init`'s tree, drawn in numpy (no init to compile). Norm scales
+  are drawn around 1 and the reward head is random: a zero head would hide a wrong read-out."""
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                        jnp.zeros((1, 8), jnp.int32))['params'])
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == 'scale':
+      return jnp.asarray(1 + 0.2 * rng.standard_normal(leaf.shape), jnp.float32)
+    if name == 'bias':
+      return jnp.full(leaf.shape, 0.3, jnp.float32)
+    fan_in = leaf.shape[-1] if name == 'embedding' else leaf.shape[-2]
+    return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(fan_in), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @pytest.fixture(scope='module')
 def lm(config):
   model = model_lib.Transformer(config)
-  boxed = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
-  return model, nn.meta.unbox(boxed['params'])
+  return model, _random_params(model, 0), jax.jit(trainer.language_model_loss(model, Z_LOSS))
 
 
 @pytest.fixture(scope='module')
 def scalar(config):
-  """A reward model whose head is random (it is initialised to zero, which would hide a wrong
-  read-out position)."""
   model = model_lib.ScalarHeadModel(config)
-  boxed = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))
-  params = nn.meta.unbox(boxed['params'])
-  rng = np.random.default_rng(0)
-  params['head'] = {'kernel': jnp.asarray(rng.standard_normal((config.d_model, 1)), jnp.float32),
-                    'bias': jnp.asarray([0.3], jnp.float32)}
-  return model, params
+  score = jax.jit(lambda params, tokens, last: reward.rewards(model, params, tokens, last))
+  return model, _random_params(model, 1), score
 
 
 @pytest.fixture(scope='module')
 def sft_rows(tokenizer):
-  examples = data_lib.world_sft_examples(world_lib.World(), 'train', 12) + [
+  examples = [
       {'messages': [{'role': 'system', 'content': 'Be brief.'},
                     {'role': 'user', 'content': 'What is 1 + 1?'},
                     {'role': 'assistant', 'content': 'Answer: 2'},
                     {'role': 'user', 'content': 'And 2 + 2?'},
-                    {'role': 'assistant', 'content': 'Answer: 4'}], 'answer': '4'}]
-  rows, stats = data_lib.tokenize_conversations(tokenizer, examples, SEQ_LEN)
+                    {'role': 'assistant', 'content': 'Answer: 4'}], 'answer': '4'}
+  ] + data_lib.world_sft_examples(world_lib.World(), 'train', 24)
+  rows, stats = data_lib.tokenize_conversations(tokenizer, examples, ROW_LEN)
   assert stats['dropped'] == 0
   return rows
 
@@ -84,22 +103,22 @@ def _log_softmax64(logits):
   return x - log_z[..., None], log_z
 
 
-@pytest.mark.parametrize('z_loss', [0.0, 1e-3])
-def test_sft_loss_is_the_masked_mean_of_float64_log_softmax(lm, sft_rows, z_loss):
-  model, params = lm
-  batch = next(iter(data_lib.packed_conversation_batches(sft_rows, SEQ_LEN, 4, seed=0,
+def test_sft_loss_is_the_masked_mean_of_float64_log_softmax(lm, sft_rows):
+  model, params, loss_fn = lm
+  batch = next(iter(data_lib.packed_conversation_batches(sft_rows, ROW_LEN, SFT_BATCH, seed=0,
                                                          shuffle=False, repeat=False)))
+  assert batch['inputs'].shape == (SFT_BATCH, ROW_LEN)
   assert batch['segment_ids'].max() > 1  # packed: the loss must respect segments and positions
-  loss, sums = jax.jit(trainer.language_model_loss(model, z_loss))(params, batch, None)
+  loss, sums = loss_fn(params, batch, None)
 
   logits, _ = jax.jit(model.apply)({'params': params}, batch['inputs'], batch['positions'],
-                          batch['segment_ids'])
+                                   batch['segment_ids'])
   log_probs, log_z = _log_softmax64(logits)
   nll = -np.take_along_axis(log_probs, batch['targets'][..., None], -1)[..., 0]
   w = batch['weights'].astype(np.float64)
-  assert 0 < w.sum() < (batch['segment_ids'] > 0).sum()  # replies only, not every token
+  assert 0 < w.sum() < (batch['segment_ids'] > 0).sum() / 2  # the replies only
   want_nll = np.sum(nll * w)
-  want_loss = want_nll + z_loss * np.sum(log_z**2 * w)
+  want_loss = want_nll + Z_LOSS * np.sum(log_z**2 * w)
   np.testing.assert_allclose(float(loss), want_loss, rtol=RTOL)
   np.testing.assert_allclose(float(sums['nll']), want_nll, rtol=RTOL)
   np.testing.assert_allclose(float(sums['count']), w.sum(), rtol=0)
@@ -107,12 +126,9 @@ def test_sft_loss_is_the_masked_mean_of_float64_log_softmax(lm, sft_rows, z_loss
   np.testing.assert_allclose(float(sums['loss'] / sums['count']), want_loss / w.sum(), rtol=RTOL)
 
 
-PACK_LEN = 128  # room for three conversations of up to SEQ_LEN tokens
-
-
-def _pack(rows, segment_ids_for=lambda i: i + 1):
-  """One row holding `rows` back to back, then padding."""
-  batch = {k: np.zeros((1, PACK_LEN), np.float32 if k == 'weights' else np.int32)
+def _row(rows, segment_ids_for=lambda i: i + 1):
+  """One [1, ROW_LEN] row holding `rows` back to back, then padding (segment 0)."""
+  batch = {k: np.zeros((1, ROW_LEN), np.float32 if k == 'weights' else np.int32)
            for k in ('inputs', 'targets', 'weights', 'positions', 'segment_ids')}
   at = 0
   for i, row in enumerate(rows):
@@ -122,52 +138,47 @@ def _pack(rows, segment_ids_for=lambda i: i + 1):
     batch['positions'][0, at:at + n] = np.arange(n)
     batch['segment_ids'][0, at:at + n] = segment_ids_for(i)
     at += n
-  assert at < PACK_LEN
+  assert at < ROW_LEN
   return batch
 
 
-def _one_per_row(rows):
-  batches = [_pack([row]) for row in rows]
+def _stack(batches):
   return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def _sums_per_segment(loss_fn, params, batch, segments):
-  """Loss sum of each segment (row-major, ids 1..), by weighting that segment only."""
+def _segment_sums(loss_fn, params, batch, row_and_segment):
+  """Loss sum of each (row, segment id), by weighting that segment only."""
   out = []
-  for row, segment in segments:
-    only = dict(batch, weights=batch['weights'] * (
-        (np.arange(len(batch['weights']))[:, None] == row) & (batch['segment_ids'] == segment)))
-    out.append(float(loss_fn(params, only, None)[1]['loss']))
+  for row, segment in row_and_segment:
+    rows = np.arange(len(batch['weights']))[:, None]
+    only = (rows == row) & (batch['segment_ids'] == segment)
+    out.append(float(loss_fn(params, dict(batch, weights=batch['weights'] * only), None)[0]))
   return np.asarray(out)
 
 
 def test_packed_conversations_have_the_losses_they_have_alone(lm, sft_rows):
-  model, params = lm
-  loss_fn = jax.jit(trainer.language_model_loss(model))
-  rows = sft_rows[-1:] + sft_rows[:2]  # the multi-turn one first, then two short ones
-  k = len(rows)
+  _, params, loss_fn = lm
+  rows = sft_rows[:SFT_BATCH]  # the multi-turn conversation first, then two short ones
+  segments = range(1, len(rows) + 1)
+  empty = _row([])
 
-  packed = _pack(rows)
-  alone = _one_per_row(rows)
-  got = _sums_per_segment(loss_fn, params, packed, [(0, s) for s in range(1, k + 1)])
-  want = _sums_per_segment(loss_fn, params, alone, [(r, 1) for r in range(k)])
+  packed = _stack([_row(rows)] + [empty] * (SFT_BATCH - 1))
+  alone = _stack([_row([row]) for row in rows])
+  got = _segment_sums(loss_fn, params, packed, [(0, s) for s in segments])
+  want = _segment_sums(loss_fn, params, alone, [(r, 1) for r in range(len(rows))])
   assert np.all(want > 1)
   np.testing.assert_allclose(got, want, rtol=0, atol=REORDER_ATOL)
-  # The total is the sum of the parts.
+  # The total is the sum of the parts, and the empty rows add nothing.
   np.testing.assert_allclose(float(loss_fn(params, packed, None)[0]), want.sum(), rtol=RTOL)
 
-  # The same row with one segment id for all lets later conversations see earlier ones: the test
-  # would notice a loss that ignored segment ids.
-  leaky = _pack(rows, segment_ids_for=lambda i: 1)
-  leaked = _sums_per_segment(loss_fn, params, dict(leaky, segment_ids=packed['segment_ids']),
-                             [(0, s) for s in range(1, k + 1)])
-  np.testing.assert_allclose(leaked, got, rtol=0, atol=MASKED_ATOL)  # weights only, same logits
-  leaky_sums = []
-  for s in range(1, k + 1):
-    only = dict(leaky, weights=leaky['weights'] * (packed['segment_ids'] == s))
-    leaky_sums.append(float(loss_fn(params, only, None)[1]['loss']))
-  assert abs(leaky_sums[0] - want[0]) < REORDER_ATOL  # the first sees nothing before it anyway
-  assert np.all(np.abs(np.asarray(leaky_sums[1:]) - want[1:]) > 1e-1), (leaky_sums, want)
+  # One segment id for the whole row lets conversations attend to each other (positions restart,
+  # so even the first sees later ones): the comparison above would notice a loss that dropped
+  # segment ids.
+  leaky = _stack([_row(rows, segment_ids_for=lambda i: 1)] + [empty] * (SFT_BATCH - 1))
+  leaked = np.asarray([
+      float(loss_fn(params, dict(leaky, weights=leaky['weights'] * (packed['segment_ids'] == s)),
+                    None)[0]) for s in segments])
+  assert np.all(np.abs(leaked[1:] - want[1:]) > 1e-1), (leaked, want)
 
 
 @pytest.fixture
@@ -239,12 +250,11 @@ def _hidden(model, params, tokens_BxL):
 
 
 def test_reward_is_the_head_on_the_last_tokens_hidden_state(scalar, pair_batch):
-  model, params = scalar
+  model, params, score = scalar
   tokens, last = pair_batch['chosen'], pair_batch['chosen_last']
   assert len(set(last.tolist())) > 1  # rows of different lengths
-  got = np.asarray(reward.rewards(model, params, jnp.asarray(tokens), jnp.asarray(last)))
+  got = np.asarray(score(params, tokens, last))
 
-  # Each conversation alone, unpadded, through the backbone; the head applied in float64.
   # The backbone without any segment mask: causal attention alone keeps the padding after
   # `last` out of position `last`. The head is applied by hand, in float64.
   hidden = np.asarray(jax.jit(_hidden, static_argnums=0)(model, params, jnp.asarray(tokens)),
@@ -253,39 +263,36 @@ def test_reward_is_the_head_on_the_last_tokens_hidden_state(scalar, pair_batch):
   bias = float(params['head']['bias'][0])
   want = hidden[np.arange(len(last)), last] @ kernel + bias
   assert np.ptp(want) > 1e-1  # rewards differ between rows, so a wrong position would show
-  # Hidden states ~1 per feature (RMS-normalised), through a kernel ~1: float32 rounding in a
-  # differently masked program, ~1e-5 at most.
-  np.testing.assert_allclose(got, want, rtol=0, atol=REORDER_ATOL)
+  np.testing.assert_allclose(got, want, rtol=0, atol=REWARD_ATOL)
 
   # A position one off reads another value.
-  off = np.asarray(reward.rewards(model, params, jnp.asarray(tokens), jnp.asarray(last - 1)))
+  off = np.asarray(score(params, tokens, last - 1))
   assert np.all(np.abs(off - want) > 1e-3)
 
 
 def test_reward_does_not_depend_on_the_padding(scalar, pair_batch, config):
-  model, params = scalar
+  _, params, score = scalar
   tokens, last = pair_batch['chosen'], pair_batch['chosen_last']
   padding = np.arange(SEQ_LEN)[None, :] > last[:, None]
   assert padding.any(axis=1).all()
   noisy = np.where(padding, np.random.default_rng(0).integers(7, config.vocab_size, tokens.shape),
                    tokens).astype(np.int32)
-  before = reward.rewards(model, params, jnp.asarray(tokens), jnp.asarray(last))
-  after = reward.rewards(model, params, jnp.asarray(noisy), jnp.asarray(last))
+  before, after = score(params, tokens, last), score(params, noisy, last)
   np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=0, atol=MASKED_ATOL)
 
 
 def test_reward_model_loss_is_bradley_terry_of_separately_scored_rows(scalar, pair_batch):
-  model, params = scalar
+  model, params, score = scalar
   margin, centering = 0.2, 0.05
-  batch = {k: jnp.asarray(v) for k, v in pair_batch.items()}
-  loss, sums = reward.bradley_terry_loss(model, margin, centering)(params, batch, None)
+  batch = pair_batch
+  loss, sums = jax.jit(reward.bradley_terry_loss(model, margin, centering))(params, batch, None)
 
-  chosen = reward.rewards(model, params, batch['chosen'], batch['chosen_last'])
-  rejected = reward.rewards(model, params, batch['rejected'], batch['rejected_last'])
+  chosen = score(params, batch['chosen'], batch['chosen_last'])
+  rejected = score(params, batch['rejected'], batch['rejected_last'])
   assert np.all(np.abs(np.asarray(chosen - rejected)) > 1e-2)  # swapping halves would show
   want = losses.bradley_terry(chosen, rejected, margin, centering)
   # One forward pass over 8 rows against two over 4: float32 reordering only.
-  np.testing.assert_allclose(float(loss), float(want['loss']), rtol=RTOL, atol=REORDER_ATOL)
+  np.testing.assert_allclose(float(loss), float(want['loss']), rtol=RTOL)
   for key in want:
-    np.testing.assert_allclose(float(sums[key]), float(want[key]), rtol=RTOL,
-                               atol=REORDER_ATOL, err_msg=key)
+    np.testing.assert_allclose(float(sums[key]), float(want[key]), rtol=RTOL, atol=REWARD_ATOL,
+                               err_msg=key)

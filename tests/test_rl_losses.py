@@ -13,6 +13,25 @@ from jaxlm import losses
 EPS = 0.2  # PPO clip range used throughout
 
 
+def _sums_and_grads(loss_fn, argnums):
+  """jit(loss_fn -> (grads of sums['loss'] w.r.t. argnums, sums)); one compile instead of many
+  op-by-op ones keeps the file fast."""
+  def loss(*args):
+    sums = loss_fn(*args)
+    return sums['loss'], sums
+  return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))
+
+
+PPO = _sums_and_grads(losses.ppo_policy_loss, (0, 1, 2))
+VALUE = _sums_and_grads(losses.value_loss, (0, 1, 2))
+DPO = _sums_and_grads(losses.dpo_loss, (0, 1, 2, 3))
+KL = jax.jit(losses.kl_estimate, static_argnames='kind')
+KL_GRADS = jax.jit(jax.grad(lambda a, b, w, kind: jnp.sum(losses.kl_estimate(a, b, kind) * w),
+                            argnums=(0, 1)), static_argnums=3)
+GAE = jax.jit(losses.gae)
+GROUP_ADVANTAGES = jax.jit(losses.group_advantages, static_argnums=1)
+
+
 def _f32(x):
   return jnp.asarray(np.asarray(x, np.float32))
 
@@ -42,16 +61,14 @@ def test_kl_estimate_and_its_gradient_match_float64_numpy(kind):
   rng = np.random.default_rng(0)
   logp = rng.uniform(-6, 0, (3, 11)).astype(np.float32)
   ref_logp = rng.uniform(-6, 0, (3, 11)).astype(np.float32)
-  got = losses.kl_estimate(_f32(logp), _f32(ref_logp), kind)
+  got = KL(_f32(logp), _f32(ref_logp), kind=kind)
   assert got.shape == (3, 11) and got.dtype == jnp.float32
   # |log r| <= 6, so terms are at most e^6 ~ 400; float32 exp is good to ~1e-7 relative of that.
   np.testing.assert_allclose(np.asarray(got), _kl_reference(logp, ref_logp, kind),
                              rtol=1e-5, atol=1e-6)
 
   weights = rng.standard_normal((3, 11)).astype(np.float32)
-  grad_logp, grad_ref = jax.grad(
-      lambda a, b: jnp.sum(losses.kl_estimate(a, b, kind) * weights), argnums=(0, 1))(
-          _f32(logp), _f32(ref_logp))
+  grad_logp, grad_ref = KL_GRADS(_f32(logp), _f32(ref_logp), _f32(weights), kind)
   log_r = ref_logp.astype(np.float64) - logp
   # d estimate / d log r; log r = ref - logp, so d/d ref = +that and d/d logp = -that.
   d_log_r = {'k1': -np.ones_like(log_r), 'k2': log_r, 'k3': np.exp(log_r) - 1}[kind]
@@ -61,31 +78,31 @@ def test_kl_estimate_and_its_gradient_match_float64_numpy(kind):
 
 def test_kl_k3_is_nonnegative_and_accurate_when_the_policies_are_close():
   gaps = np.array([-30, -5, -1, -1e-2, -1e-3, -1e-4, 0, 1e-4, 1e-3, 1e-2, 1, 5, 30], np.float32)
-  got = np.asarray(losses.kl_estimate(jnp.zeros_like(gaps), _f32(gaps), 'k3'))
+  got = np.asarray(KL(jnp.zeros_like(gaps), _f32(gaps), kind='k3'))
   assert np.all(got >= 0)
   assert got[gaps == 0] == 0
-  # k3 ~ gap^2 / 2 for small gaps. A naive exp(r) - r - 1 in float32 loses everything below
-  # ~1e-4 and is ~10% off at 1e-3 (exp(r) has absolute error ~6e-8 next to a result of 5e-7);
-  # expm1(r) - r is good to ~2e-4 relative there, so 1e-3 separates the two.
-  np.testing.assert_allclose(got, _kl_reference(0 * gaps, gaps, 'k3'), rtol=1e-3)
+  # k3 ~ r^2 / 2 for small gaps r. expm1(r) - r is off by ~ulp(r) ~ 1.2e-7 r, i.e. 2.4e-7 / r
+  # relative: 2.4e-3 at r = 1e-4. A naive exp(r) - r - 1 is off by ~ulp(1) ~ 1.2e-7, i.e.
+  # 2.4e-7 / r^2 relative: 24% at r = 1e-3. 5e-3 separates the two.
+  np.testing.assert_allclose(got, _kl_reference(0 * gaps, gaps, 'k3'), rtol=5e-3)
 
 
 def test_unbiased_kl_estimates_average_to_the_exact_kl_of_two_categoricals():
-  p = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
-  q = np.array([0.2, 0.2, 0.2, 0.2, 0.2])
+  p = np.array([0.9, 0.05, 0.05])
+  q = np.array([0.3, 0.35, 0.35])
   kl_pq = np.sum(p * np.log(p / q))
   kl_qp = np.sum(q * np.log(q / p))
   n = 200_000
   tokens = np.random.default_rng(1).choice(len(p), size=n, p=p)  # samples from the policy p
   logp, ref_logp = np.log(p)[tokens][None], np.log(q)[tokens][None]
   for kind in ('k1', 'k3'):
-    estimate = np.asarray(losses.kl_estimate(_f32(logp), _f32(ref_logp), kind), np.float64)
+    estimate = np.asarray(KL(_f32(logp), _f32(ref_logp), kind=kind), np.float64)
     per_value = _kl_reference(np.log(p), np.log(q), kind)  # the estimator on each category
     # Standard error of the sample mean from the estimator's exact variance under p; a correct
     # unbiased estimator lands within 5 standard errors except with probability ~6e-7.
     stderr = math.sqrt(np.sum(p * (per_value - kl_pq)**2) / n)
     tol = 5 * stderr
-    assert tol < 0.1 * abs(kl_pq - kl_qp)  # the wrong direction of KL would be caught
+    assert tol < abs(kl_pq - kl_qp) / 4  # an estimate of KL(q || p) would be caught
     assert abs(estimate.mean() - kl_pq) < tol, (kind, estimate.mean(), kl_pq, tol)
 
 
@@ -127,12 +144,12 @@ HAND_MASK = [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]
     # lam = 0: one-step TD errors r_t + gamma V_{t+1} - V_t, with V after the last token = 0
     # (row 1's t=1 must not bootstrap from the masked value 9).
     (0.5, 0.0,
-     [[0 + 0.5 * 0.2 - 0.5, 0 + 0.5 * 0.7 - 0.2, 1 + 0 - 0.7], [0 + 0.5 * 0.2 - 0.5, 1 + 0 - 0.2, 0]],
+     [[0 + 0.5 * 0.2 - 0.5, 0 + 0.5 * 0.7 - 0.2, 1 + 0 - 0.7],
+      [0 + 0.5 * 0.2 - 0.5, 1 + 0 - 0.2, 0]],
      [[0.1, 0.35, 1.0], [0.1, 1.0, 0]]),
 ])
 def test_gae_on_hand_checked_sequences(gamma, lam, want_advantages, want_returns):
-  advantages, returns = losses.gae(_f32(HAND_REWARDS), _f32(HAND_VALUES), _f32(HAND_MASK),
-                                   gamma, lam)
+  advantages, returns = GAE(_f32(HAND_REWARDS), _f32(HAND_VALUES), _f32(HAND_MASK), gamma, lam)
   # O(1) values through three float32 steps: rounding ~1e-7.
   np.testing.assert_allclose(np.asarray(advantages), want_advantages, rtol=0, atol=1e-6)
   np.testing.assert_allclose(np.asarray(returns), want_returns, rtol=0, atol=1e-6)
@@ -144,21 +161,26 @@ def test_gae_on_hand_checked_sequences(gamma, lam, want_advantages, want_returns
 
 
 GAMMA, LAM = 0.99, 0.95
-LENGTHS, T = [9, 5, 1, 0], 9  # a full row, one that ends early, a single token, an empty row
+# A full row, one that ends early, a single token, an empty row, and two responses packed in
+# one row (each run of ones is its own episode: nothing flows back across the gap).
+GAE_MASK = np.array([[1, 1, 1, 1, 1, 1, 1, 1, 1],
+                     [1, 1, 1, 1, 1, 0, 0, 0, 0],
+                     [1, 0, 0, 0, 0, 0, 0, 0, 0],
+                     [0, 0, 0, 0, 0, 0, 0, 0, 0],
+                     [1, 1, 1, 0, 0, 1, 1, 1, 0]], np.float32)
 
 
 @pytest.fixture
 def rollout():
   rng = np.random.default_rng(2)
-  shape = (len(LENGTHS), T)
-  rewards = rng.standard_normal(shape).astype(np.float32)
-  values = rng.standard_normal(shape).astype(np.float32)
-  return rewards, values, _prefix_mask(LENGTHS, T)
+  rewards = rng.standard_normal(GAE_MASK.shape).astype(np.float32)
+  values = rng.standard_normal(GAE_MASK.shape).astype(np.float32)
+  return rewards, values, GAE_MASK
 
 
 def test_gae_matches_the_backward_loop_under_jit(rollout):
   rewards, values, mask = rollout
-  advantages, returns = jax.jit(losses.gae)(_f32(rewards), _f32(values), _f32(mask), GAMMA, LAM)
+  advantages, returns = GAE(_f32(rewards), _f32(values), _f32(mask), GAMMA, LAM)
   want_advantages, want_returns = _gae_reference(rewards, values, mask, GAMMA, LAM)
   assert advantages.shape == returns.shape == mask.shape
   assert advantages.dtype == returns.dtype == jnp.float32
@@ -176,9 +198,12 @@ def test_gae_gradient_is_the_transposed_jacobian_of_the_loop(rollout):
   rng = np.random.default_rng(3)
   cot_advantages = rng.standard_normal(mask.shape)
   cot_returns = rng.standard_normal(mask.shape)
-  _, vjp = jax.vjp(lambda r, v: losses.gae(r, v, _f32(mask), GAMMA, LAM),
-                   _f32(rewards), _f32(values))
-  got_rewards, got_values = vjp((_f32(cot_advantages), _f32(cot_returns)))
+  @jax.jit
+  def vjp(rewards, values, cotangents):
+    return jax.vjp(lambda r, v: losses.gae(r, v, _f32(mask), GAMMA, LAM), rewards, values)[1](
+        cotangents)
+  got_rewards, got_values = vjp(_f32(rewards), _f32(values),
+                                (_f32(cot_advantages), _f32(cot_returns)))
 
   want_rewards = np.zeros(mask.shape)
   want_values = np.zeros(mask.shape)
@@ -214,12 +239,8 @@ PPO_TABLE = [
 @pytest.mark.parametrize('ratio, advantage, mask, want_loss, want_clipped, want_grad', PPO_TABLE)
 def test_ppo_active_term_clip_fraction_and_gradient_per_token(ratio, advantage, mask, want_loss,
                                                                want_clipped, want_grad):
-  def loss(logp):
-    return losses.ppo_policy_loss(logp, _f32([[0.0]]), _f32([[advantage]]), _f32([[mask]]), EPS)
-  logp = _f32([[math.log(ratio)]])
-  sums, grad = jax.value_and_grad(lambda x: loss(x)['loss'])(logp)[1], None
-  sums = loss(logp)
-  grad = jax.grad(lambda x: loss(x)['loss'])(logp)
+  (grad, _, _), sums = PPO(_f32([[math.log(ratio)]]), _f32([[0.0]]), _f32([[advantage]]),
+                           _f32([[mask]]), EPS)
   # exp(log(ratio)) in float32 is within ~2e-7 of ratio.
   np.testing.assert_allclose(float(sums['loss']), want_loss, rtol=0, atol=1e-6)
   assert float(sums['clip_fraction']) == float(want_clipped)
@@ -232,8 +253,8 @@ def test_ppo_active_term_clip_fraction_and_gradient_per_token(ratio, advantage, 
 
 def test_ppo_table_sums_over_a_row():
   ratio, advantage, mask, want_loss, want_clipped, _ = map(np.array, zip(*PPO_TABLE))
-  sums = losses.ppo_policy_loss(_f32(np.log(ratio)[None]), _f32(np.zeros((1, len(ratio)))),
-                                _f32(advantage[None]), _f32(mask[None]), EPS)
+  _, sums = PPO(_f32(np.log(ratio)[None]), _f32(np.zeros((1, len(ratio)))),
+                _f32(advantage[None]), _f32(mask[None]), EPS)
   np.testing.assert_allclose(float(sums['loss']), want_loss.sum(), rtol=0, atol=1e-5)
   assert float(sums['clip_fraction']) == 2 and float(sums['count']) == 6
 
@@ -264,7 +285,7 @@ def test_ppo_sums_and_gradient_match_float64_numpy():
   assert np.min(np.abs(np.abs(ratio - 1) - EPS)) > 1e-4
 
   args = _f32(logp), _f32(old_logp), _f32(advantages), _f32(mask)
-  got = losses.ppo_policy_loss(*args, EPS)
+  grads, got = PPO(*args, EPS)
   want, want_grad = _ppo_reference(logp, old_logp, advantages, mask, EPS)
   assert set(got) == set(want)
   for key in want:
@@ -272,7 +293,6 @@ def test_ppo_sums_and_gradient_match_float64_numpy():
     np.testing.assert_allclose(float(got[key]), want[key], rtol=1e-5, atol=1e-6, err_msg=key)
   assert 0 < want['clip_fraction'] < want['count']  # both regimes are exercised
 
-  grads = jax.grad(lambda *a: losses.ppo_policy_loss(*a, EPS)['loss'], argnums=(0, 1, 2))(*args)
   np.testing.assert_allclose(np.asarray(grads[0]), want_grad, rtol=1e-5, atol=1e-6)
   # Old log-probs and advantages are constants of the update.
   assert not np.any(np.asarray(grads[1])) and not np.any(np.asarray(grads[2]))
@@ -286,8 +306,9 @@ def test_ppo_first_epoch_with_old_logp_equal_to_logp_is_the_policy_gradient():
   advantages = rng.standard_normal((2, 6)).astype(np.float32)
   mask = _prefix_mask([6, 4], 6)
   fn = lambda x: losses.ppo_policy_loss(x, x, _f32(advantages), _f32(mask), EPS)['loss']
-  np.testing.assert_allclose(float(fn(logp)), -np.sum(advantages * mask), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(jax.grad(fn)(logp)), -advantages * mask, rtol=1e-6)
+  loss, grad = jax.jit(jax.value_and_grad(fn))(logp)
+  np.testing.assert_allclose(float(loss), -np.sum(advantages * mask), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad), -advantages * mask, rtol=1e-6)
 
 
 # --- value_loss ----------------------------------------------------------------------------------
@@ -307,10 +328,7 @@ VALUE_TABLE = [
 @pytest.mark.parametrize('value, ret, mask, want_loss, want_clipped, want_grad', VALUE_TABLE)
 def test_value_loss_clip_behaviour_per_token(value, ret, mask, want_loss, want_clipped,
                                              want_grad):
-  def loss(v):
-    return losses.value_loss(v, _f32([[0.0]]), _f32([[ret]]), _f32([[mask]]), EPS)
-  sums = loss(_f32([[value]]))
-  grad = jax.grad(lambda v: loss(v)['loss'])(_f32([[value]]))
+  (grad, _, _), sums = VALUE(_f32([[value]]), _f32([[0.0]]), _f32([[ret]]), _f32([[mask]]), EPS)
   np.testing.assert_allclose(float(sums['loss']), want_loss, rtol=0, atol=1e-6)
   assert float(sums['clip_fraction']) == float(want_clipped)
   assert float(sums['count']) == mask
@@ -338,12 +356,11 @@ def test_value_loss_sums_and_gradient_match_float64_numpy():
   want_grad = np.where(active, 0.0, v - ret) * mask
 
   args = _f32(values), _f32(old_values), _f32(returns), _f32(mask)
-  got = losses.value_loss(*args, EPS)
+  grads, got = VALUE(*args, EPS)
   assert set(got) == set(want)
   for key in want:
     np.testing.assert_allclose(float(got[key]), want[key], rtol=1e-5, atol=1e-6, err_msg=key)
   assert 0 < want['clip_fraction'] < want['count']
-  grads = jax.grad(lambda *a: losses.value_loss(*a, EPS)['loss'], argnums=(0, 1, 2))(*args)
   # Gradient entries are differences of O(1) float32 numbers: ~1e-7.
   np.testing.assert_allclose(np.asarray(grads[0]), want_grad, rtol=0, atol=1e-6)
   assert not np.any(np.asarray(grads[1])) and not np.any(np.asarray(grads[2]))
@@ -371,7 +388,7 @@ def group_rewards():
 
 
 def test_group_advantages_match_float64_numpy_and_are_standardised_per_group(group_rewards):
-  got = np.asarray(losses.group_advantages(_f32(group_rewards), GROUP))
+  got = np.asarray(GROUP_ADVANTAGES(_f32(group_rewards), GROUP))
   assert got.shape == group_rewards.shape and got.dtype == np.float32
   # O(1) values through a mean, a std and a division in float32.
   np.testing.assert_allclose(got, _group_reference(group_rewards, GROUP), rtol=0, atol=1e-5)
@@ -383,8 +400,8 @@ def test_group_advantages_match_float64_numpy_and_are_standardised_per_group(gro
 
 def test_group_advantages_are_invariant_to_a_constant_per_group(group_rewards):
   shifted = group_rewards + np.repeat(np.float32([3.0, -2.0, 0.5]), GROUP)
-  base = np.asarray(losses.group_advantages(_f32(group_rewards), GROUP))
-  got = np.asarray(losses.group_advantages(_f32(shifted), GROUP))
+  base = np.asarray(GROUP_ADVANTAGES(_f32(group_rewards), GROUP))
+  got = np.asarray(GROUP_ADVANTAGES(_f32(shifted), GROUP))
   # Adding constants ~3 rounds each reward by ~2e-7; standardising scales that by ~1/std.
   np.testing.assert_allclose(got, base, rtol=0, atol=1e-5)
   # The constants differ between groups, so normalising over the whole batch would fail this.
@@ -393,14 +410,14 @@ def test_group_advantages_are_invariant_to_a_constant_per_group(group_rewards):
 
 
 def test_group_of_equal_rewards_gets_zero_advantages():
-  got = np.asarray(losses.group_advantages(_f32([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]), GROUP))
+  got = np.asarray(GROUP_ADVANTAGES(_f32([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]), GROUP))
   np.testing.assert_array_equal(got[:GROUP], 0)
   np.testing.assert_allclose(got[GROUP:], [-1, 1, -1, 1], atol=1e-5)
 
 
 def test_group_advantages_gradient_matches_finite_differences(group_rewards):
   weights = np.random.default_rng(8).standard_normal(group_rewards.shape)
-  got = jax.grad(lambda r: jnp.sum(losses.group_advantages(r, GROUP) * _f32(weights)))(
+  got = jax.jit(jax.grad(lambda r: jnp.sum(losses.group_advantages(r, GROUP) * _f32(weights))))(
       _f32(group_rewards))
   want = np.zeros(group_rewards.shape)
   h = 1e-5
@@ -445,7 +462,7 @@ def test_dpo_sums_and_gradient_match_float64_numpy(label_smoothing):
   policy_chosen = (ref_chosen + 5 * rng.standard_normal(n) + 2).astype(np.float32)
   policy_rejected = (ref_rejected + 5 * rng.standard_normal(n)).astype(np.float32)
   args = tuple(_f32(x) for x in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
-  got = losses.dpo_loss(*args, BETA, label_smoothing)
+  grads, got = DPO(*args, BETA, label_smoothing)
   want, d_m = _dpo_reference(policy_chosen, policy_rejected, ref_chosen, ref_rejected, BETA,
                              label_smoothing)
   assert set(got) == set(want)
@@ -455,8 +472,6 @@ def test_dpo_sums_and_gradient_match_float64_numpy(label_smoothing):
     np.testing.assert_allclose(float(got[key]), want[key], rtol=1e-5, atol=1e-5, err_msg=key)
   assert 0 < want['correct'] < n
 
-  grads = jax.grad(
-      lambda *a: losses.dpo_loss(*a, BETA, label_smoothing)['loss'], argnums=(0, 1, 2, 3))(*args)
   np.testing.assert_allclose(np.asarray(grads[0]), d_m, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(np.asarray(grads[1]), -d_m, rtol=1e-5, atol=1e-7)
   assert not np.any(np.asarray(grads[2])) and not np.any(np.asarray(grads[3]))  # reference fixed
@@ -468,13 +483,11 @@ def test_dpo_with_policy_equal_to_reference_is_log2_per_pair(label_smoothing):
   chosen = rng.uniform(-80, -20, 8).astype(np.float32)
   rejected = rng.uniform(-80, -20, 8).astype(np.float32)
   args = _f32(chosen), _f32(rejected), _f32(chosen), _f32(rejected)
-  got = losses.dpo_loss(*args, BETA, label_smoothing)
+  (grad_chosen, grad_rejected, _, _), got = DPO(*args, BETA, label_smoothing)
   # m = 0 exactly, so -log σ(0) = log 2 whatever the smoothing.
   np.testing.assert_allclose(float(got['loss']), 8 * math.log(2), rtol=1e-6)
   assert float(got['correct']) == 0 and float(got['reward_margin']) == 0
   assert float(got['count']) == 8
-  grad_chosen, grad_rejected = jax.grad(
-      lambda *a: losses.dpo_loss(*a, BETA, label_smoothing)['loss'], argnums=(0, 1))(*args)
   _, d_m = _dpo_reference(chosen, rejected, chosen, rejected, BETA, label_smoothing)
   np.testing.assert_allclose(d_m, -BETA * (1 - 2 * label_smoothing) / 2, rtol=1e-12)
   np.testing.assert_allclose(np.asarray(grad_chosen), d_m, rtol=1e-6)
@@ -486,11 +499,11 @@ def test_sequence_log_probs_sum_the_masked_tokens():
   token_logp = rng.uniform(-8, 0, (3, 7)).astype(np.float32)
   mask = _prefix_mask([7, 4, 0], 7)
   want = [sum(float(token_logp[b, t]) for t in range(7) if mask[b, t]) for b in range(3)]
-  got = losses.sequence_log_probs(_f32(token_logp), _f32(mask))
+  got = jax.jit(losses.sequence_log_probs)(_f32(token_logp), _f32(mask))
   assert got.shape == (3,) and got.dtype == jnp.float32
   # Sums of <= 7 terms ~-4 in float32.
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
   weights = rng.standard_normal(3).astype(np.float32)
-  grad = jax.grad(lambda x: jnp.sum(losses.sequence_log_probs(x, _f32(mask)) * weights))(
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(losses.sequence_log_probs(x, _f32(mask)) * weights)))(
       _f32(token_logp))
   np.testing.assert_array_equal(np.asarray(grad), weights[:, None] * mask)

@@ -1,6 +1,8 @@
 """A config small enough for end-to-end tests to train in seconds."""
 
+from experiments.configs import dpo
 from experiments.configs import reward_model
+from experiments.configs import rl
 from experiments.configs import sft
 from experiments.configs import tiny
 
@@ -56,3 +58,19 @@ def reward_config(init_workdir, steps=4, **overrides):
 def get_config():
   """Lets the binaries load this file with --config=tests/tiny_config.py."""
   return config()
+
+
+def rl_config(init_workdir, steps=4, **overrides):
+  c = rl.get_config()
+  c.rollout.update(prompts_per_step=4, samples_per_prompt=4, prompt_len=48, max_new_tokens=8)
+  c.eval.update(num_prompts=8, batch_size=8, num_samples=0)
+  c = _post_training(c, init_workdir, steps, overrides)
+  c.train.batch_size = c.rollout.prompts_per_step
+  return c
+
+
+def dpo_config(init_workdir, steps=4, **overrides):
+  c = dpo.get_config()
+  c.eval.update(batches=1, batch_size=8, stats_pairs=16, num_prompts=8,
+                batch_size_generation=8, num_samples=0)
+  return _post_training(c, init_workdir, steps, overrides)

@@ -13,7 +13,9 @@ def get_config() -> ml_collections.ConfigDict:
   c = sft.get_config()
   c.algorithm = 'grpo'  # grpo | ppo
   c.reward = 'exact_match'  # a name in jaxlm.rl.REWARD_FUNCTIONS, or 'model'
-  c.reward_workdir = ''  # the reward model (reward='model'); PPO's critic starts from it too
+  # The reward model (reward='model'). PPO's critic starts from it, or without it from the
+  # policy's backbone.
+  c.reward_workdir = ''
   c.data.update(num_train=20_000, num_eval=256)
   c.rollout = ml_collections.ConfigDict(dict(
       prompts_per_step=16, samples_per_prompt=8, prompt_len=32, max_new_tokens=16,

@@ -1,0 +1,38 @@
+"""The whole pipeline on the built-in world, sized for ~15 minutes on 2 CPU cores.
+
+Each stage is its binary's config under its own name (`--config.sft.train.steps=400`);
+`init_workdir` and `reward_workdir` are filled in by the pipeline.
+"""
+
+import ml_collections
+
+from experiments.configs import dpo
+from experiments.configs import reward_model
+from experiments.configs import rl
+from experiments.configs import sft
+from experiments.configs import tiny
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.pretrain = tiny.get_config()
+  c.pretrain.train.steps = 500
+  c.sft = sft.get_config()
+  c.sft.train.steps = 200
+  c.reward_model = reward_model.get_config()
+  c.reward_model.train.steps = 200
+  c.grpo = rl.get_config()
+  c.grpo.train.steps = 40
+  c.ppo = rl.get_config()
+  c.ppo.update(algorithm='ppo', reward='model')
+  c.ppo.rollout.samples_per_prompt = 2
+  c.ppo.train.steps = 40
+  c.dpo = dpo.get_config()
+  c.dpo.train.steps = 100
+  for stage in ('sft', 'reward_model', 'grpo', 'ppo', 'dpo'):
+    c[stage].eval_every = 0  # the pipeline evaluates every stage the same way at the end
+  # The report: every policy on the same held-out prompts and preference pairs.
+  c.report = ml_collections.ConfigDict(dict(
+      num_prompts=256, num_pairs=512, batch_size=128, seq_len=128, prompt_len=32,
+      max_new_tokens=16))
+  return c

@@ -1,0 +1,138 @@
+r"""The whole pipeline on the built-in world: pretraining -> SFT -> reward model -> GRPO, PPO
+and DPO, each stage starting from the previous one's checkpoint, ending with one table of what
+each stage achieved (also written to `summary.json`).
+
+  python -m experiments.pipeline --workdir=runs/pipeline
+
+Stages live in `<workdir>/<stage>`; rerunning resumes (finished stages are not retrained).
+"""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import dpo
+from experiments import pretrain
+from experiments import reward_model
+from experiments import rl as rl_binary
+from experiments import sft
+from jaxlm import dpo as dpo_lib
+from jaxlm import lm
+from jaxlm import metrics
+from jaxlm import model as model_lib
+from jaxlm import reward
+from jaxlm import rl
+from jaxlm import sharding
+from jaxlm.data import post_training as data_lib
+from jaxlm.data import world as world_lib
+
+POLICY_STAGES = ('base', 'sft', 'ppo', 'grpo', 'dpo')
+METRICS = ('eval/loss', 'eval/format_rate', 'eval/exact_match', 'eval/pairwise_accuracy',
+           'eval/mean_reward', 'eval/kl')
+
+
+def run_stages(config, workdir: str) -> dict[str, str]:
+  """Trains every stage in order; returns {stage: workdir}."""
+  dirs = {stage: os.path.join(workdir, stage)
+          for stage in ('base', 'sft', 'reward_model', 'grpo', 'ppo', 'dpo')}
+  metrics.log('== pretraining ==')
+  pretrain.train_and_evaluate(config.pretrain, dirs['base'])
+  for stage, binary, init in (('sft', sft, 'base'), ('reward_model', reward_model, 'sft'),
+                              ('grpo', rl_binary, 'sft'), ('ppo', rl_binary, 'sft'),
+                              ('dpo', dpo, 'sft')):
+    metrics.log(f'== {stage} ==')
+    stage_config = config[stage]
+    with stage_config.unlocked():
+      stage_config.init_workdir = dirs[init]
+      if 'reward_workdir' in stage_config:
+        stage_config.reward_workdir = dirs['reward_model']
+    binary.train_and_evaluate(stage_config, dirs[stage])
+  return dirs
+
+
+def report(config, dirs: dict[str, str]) -> dict[str, dict[str, float]]:
+  """Every policy on the same held-out prompts and pairs: held-out SFT loss, format rate, exact
+  match, how often it gives the chosen reply a higher likelihood than the rejected one, the
+  normalised reward-model score of its greedy replies and their KL to the SFT model."""
+  r = config.report
+  _, tokenizer, policy = lm.load_workdir(dirs['sft'])
+  world_config = lm.load_workdir(dirs['base'])[0].data
+  world = world_lib.World(world_lib.WorldConfig(seed=world_config.world_seed))
+  conversations = data_lib.world_sft_examples(world, 'heldout', r.num_prompts)
+  pairs = reward.world_pairs(config.reward_model.data, config.reward_model.seed)(
+      world, 'heldout', r.num_pairs)
+  critic = model_lib.ScalarHeadModel(policy.config)
+  rl_config = ml_collections.ConfigDict(dict(
+      algorithm='grpo', reward='model', rollout=dict(prompt_len=r.prompt_len,
+                                                     max_new_tokens=r.max_new_tokens),
+      eval=dict(num_prompts=r.num_prompts, batch_size=r.batch_size, num_samples=0)))
+  mesh = sharding.make_mesh(config.sft.mesh)
+  summary = {}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    reference = lm.load_params(dirs['sft'], policy, mesh)
+    scorer = rl.Scorer(rl_config, tokenizer, policy, critic, critic, reference,
+                       lm.load_params(dirs['reward_model'], critic, mesh),
+                       reward.load_stats(dirs['reward_model']))
+    prompts = [{'messages': c['messages'][:-1], 'answer': c['answer']} for c in conversations]
+    evaluate_replies = rl.make_evaluator(rl_config, tokenizer, policy, scorer, prompts, mesh,
+                                         metrics.log)
+    loss_batches = lm.fixed_batches(data_lib.packed_conversation_batches(
+        data_lib.tokenize_conversations(tokenizer, conversations, r.seq_len)[0], r.seq_len,
+        r.batch_size, seed=0, shuffle=False, repeat=False), r.batch_size, r.num_prompts)
+    evaluate_loss = lm.make_loss_evaluator(policy, mesh, loss_batches)
+    pair_batches = [sharding.put_batch(b, mesh) for b in reward.padded_pair_batches(
+        reward.pair_rows(tokenizer, pairs, r.seq_len, 'report'), r.batch_size, r.num_pairs)]
+
+    @jax.jit
+    def prefers_chosen(params, batch):
+      chosen, rejected = dpo_lib.pair_log_probs(policy, params, batch)
+      return jnp.sum((chosen > rejected) * batch['valid']), jnp.sum(batch['valid'])
+
+    for stage in POLICY_STAGES:
+      params = lm.load_params(dirs[stage], policy, mesh)
+      results = {**evaluate_loss(params), **evaluate_replies({'policy': params}, 0)}
+      counts = jax.device_get([prefers_chosen(params, b) for b in pair_batches])
+      results['eval/pairwise_accuracy'] = sum(c for c, _ in counts) / sum(n for _, n in counts)
+      summary[stage] = {k: float(results[k]) for k in METRICS}
+    rm_final = [json.loads(line) for line in open(os.path.join(dirs['reward_model'],
+                                                               'metrics.jsonl'))][-1]
+    summary['reward_model'] = {'eval/pairwise_accuracy': rm_final['eval/pairwise_accuracy']}
+  return summary
+
+
+def format_table(summary) -> str:
+  stages = [s for s in ('base', 'sft', 'reward_model', 'ppo', 'grpo', 'dpo') if s in summary]
+  header = f'| {"stage":<12} | ' + ' | '.join(f'{m.split("/")[1]:>17}' for m in METRICS) + ' |'
+  lines = [header, '|' + '|'.join('-' * (len(c) + 2) for c in header.split('|')[1:-1]) + '|']
+  for stage in stages:
+    cells = [f'{summary[stage][m]:17.3f}' if m in summary[stage] else f'{"":>17}'
+             for m in METRICS]
+    lines.append(f'| {stage:<12} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  metrics.configure_logging()
+  workdir = _WORKDIR.value
+  dirs = run_stages(_CONFIG.value, workdir)
+  summary = report(_CONFIG.value, dirs)
+  with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
+    json.dump(summary, f, indent=2)
+  print(format_table(summary))
+  print(f'(also in {os.path.join(workdir, "summary.json")})')
+
+
+if __name__ == '__main__':
+  # Flags live here so that other programs (and tests) can import several binaries.
+  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/pipeline.py',
+                                            'Path to a config file.')
+  _WORKDIR = flags.DEFINE_string('workdir', 'runs/pipeline', 'Every stage writes below here.')
+  app.run(main)
