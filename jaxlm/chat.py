@@ -15,7 +15,7 @@ from jaxlm import tokenizer as tokenizer_lib
 
 ROLES = ('system', 'user', 'assistant')
 ANSWER_PREFIX = 'Answer: '
-_ANSWER = re.compile(r'^Answer: (\S(?:.*\S)?)$')
+_ANSWER = re.compile(r'Answer: (\S(?:.*\S)?)')
 
 
 def role_id(tokenizer, role: str) -> int:
@@ -52,12 +52,14 @@ def format_answer(answer: str) -> str:
 
 def parse_answer(response: str) -> str | None:
   """The answer of a well-formed response, or None when it is off format."""
-  match = _ANSWER.match(response)
+  match = _ANSWER.fullmatch(response)
   return match.group(1) if match else None
 
 
 def answer_metrics(replies: list[str], answers: list[str]) -> dict[str, float]:
   """Format-following rate and exact-match accuracy of replies against reference answers."""
+  if len(replies) != len(answers):
+    raise ValueError(f'{len(replies)} replies for {len(answers)} answers')
   parsed = [parse_answer(reply) for reply in replies]
   matches = [p is not None and p.strip().lower() == a.strip().lower()
              for p, a in zip(parsed, answers)]

@@ -50,7 +50,7 @@ def bradley_terry(reward_chosen_B, reward_rejected_B, margin: float = 0.0,
   loss = -jax.nn.log_sigmoid(gap - margin) + centering * jnp.square(chosen + rejected)
   return {
       'loss': jnp.sum(loss),
-      'correct': jnp.sum(gap > 0),
+      'correct': jnp.sum((gap > 0).astype(jnp.float32)),
       'reward_gap': jnp.sum(gap),
       'count': jnp.asarray(gap.shape[0], jnp.float32),
   }

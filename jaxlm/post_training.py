@@ -48,7 +48,9 @@ def make_answer_evaluator(model, tokenizer, eval_examples: list[dict], eval_conf
   """params, step -> format-following rate and exact match on held-out prompts that have an
   answer; logs a few replies."""
   checkable = [e for e in eval_examples if e.get('answer')][:eval_config.num_prompts]
-  conversations = [[m for m in e['messages'] if m['role'] != 'assistant'] for e in checkable]
+  # The prompt is the conversation up to its final reply.
+  conversations = [e['messages'][:-1] if e['messages'][-1]['role'] == 'assistant'
+                   else e['messages'] for e in checkable]
 
   def evaluate(params, step):
     if not checkable:

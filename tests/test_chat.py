@@ -132,3 +132,9 @@ def test_answer_metrics_match_a_hand_count():
 
 def test_answer_metrics_of_no_replies_are_zero():
   assert chat.answer_metrics([], []) == {'eval/format_rate': 0.0, 'eval/exact_match': 0.0}
+
+
+def test_a_trailing_newline_is_off_format_like_a_trailing_space():
+  assert chat.parse_answer('Answer: 5\n') is None
+  assert chat.parse_answer('Answer: 5 ') is None
+  assert chat.parse_answer('Answer: 5') == '5'

@@ -266,3 +266,15 @@ def test_num_params_counts_the_actual_parameters(overrides):
   assert ('unembed' in shapes) == (not config.tie_embeddings)
   assert config.num_params() == actual
   assert config.num_params(include_embeddings=False) == actual - embeddings
+
+
+def test_ids_that_only_pad_the_embedding_get_no_probability():
+  padded = _config(tokenizer_vocab_size=VOCAB - 5)
+  params = _params(padded)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB - 5, (2, 6)), jnp.int32)
+  logits, _ = model_lib.Transformer(padded).apply({'params': params}, tokens)
+  full, _ = model_lib.Transformer(_config()).apply({'params': params}, tokens)
+  probs = jax.nn.softmax(logits)
+  assert float(jnp.max(probs[..., VOCAB - 5:])) == 0.0
+  # The real ids keep their logits; only the normaliser loses the padding ids.
+  np.testing.assert_array_equal(logits[..., :VOCAB - 5], full[..., :VOCAB - 5])

@@ -195,18 +195,12 @@ def test_a_bad_jsonl_record_is_an_error_naming_path_and_line(tmp_path, parse, ba
     data_lib.from_jsonl(path, parse)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason='from_jsonl numbers records, not lines: blank lines shift '
-                   'the reported line (reported to the library owner)')
 def test_a_bad_record_after_a_blank_line_names_its_own_line(tmp_path):
   path = _write(tmp_path / 'data.jsonl', [GOOD_SFT, '', '{"prompt": "q"}'])
   with pytest.raises(ValueError, match=f'^{re.escape(path)}:3: '):
     data_lib.from_jsonl(path, SFT)
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, AttributeError),
-                   reason='a record that is not an object, or messages that are not a list of '
-                   'objects, escape as TypeError/AttributeError without path:line (reported)')
 @pytest.mark.parametrize('parse, bad', [
     (SFT, '5'), (SFT, '"messages"'), (SFT, '{"messages": "hi"}'), (SFT, '{"messages": ["hi"]}'),
     (PAIR, '["chosen", "rejected"]'),

@@ -58,7 +58,7 @@ def world_preference_pairs(world: world_lib.World, split: str, num: int,
   """Chosen: correct and well formed. Rejected: a wrong answer, an off-format reply or a
   rambling one, drawn in the given proportions."""
   unknown = set(proportions) - set(REJECTION_KINDS)
-  if unknown or not sum(proportions.values()) > 0:
+  if unknown or min(proportions.values(), default=-1) < 0 or not sum(proportions.values()) > 0:
     raise ValueError(f'config.data.rejection_proportions must weight {REJECTION_KINDS}, got '
                      f'{dict(proportions)}')
   kinds = list(proportions)
@@ -74,18 +74,32 @@ def world_preference_pairs(world: world_lib.World, split: str, num: int,
   return pairs
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def _read_jsonl(path: str) -> list[tuple[str, dict]]:
+  """(where, record) for each non-blank line; `where` is `path:line` for error messages."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'JSONL file not found: {path}')
   records = []
   with open(path, encoding='utf-8') as f:
     for line_number, line in enumerate(f, 1):
       if line.strip():
+        where = f'{path}:{line_number}'
         try:
-          records.append(json.loads(line))
+          record = json.loads(line)
         except ValueError as e:
-          raise ValueError(f'{path}:{line_number}: not valid JSON ({e})') from e
+          raise ValueError(f'{where}: not valid JSON ({e})') from e
+        if not isinstance(record, dict):
+          raise ValueError(f'{where}: each line must be a JSON object, got {record!r}')
+        records.append((where, record))
   return records
+
+
+def _checked_messages(messages, where: str) -> list[dict]:
+  if not isinstance(messages, list) or not all(
+      isinstance(m, dict) and m.get('role') in chat.ROLES and isinstance(m.get('content'), str)
+      for m in messages):
+    raise ValueError(f'{where}: "messages" must be a list of {{"role": one of {chat.ROLES}, '
+                     f'"content": string}}; got {messages!r}')
+  return messages
 
 
 def _prompt_messages(record, where: str) -> list[dict]:
@@ -93,25 +107,21 @@ def _prompt_messages(record, where: str) -> list[dict]:
   if isinstance(prompt, str):
     return [{'role': 'user', 'content': prompt}]
   if isinstance(prompt, list):
-    return prompt
+    return _checked_messages(prompt, where)
   raise ValueError(f'{where}: needs "prompt" (a string) or "messages" (a list)')
 
 
 def conversation_from_record(record: dict, where: str) -> dict:
   """`{"messages": [...]}` or `{"prompt": ..., "response": ...}` (optional `"answer"`)."""
   if 'messages' in record:
-    messages = record['messages']
+    messages = _checked_messages(record['messages'], where)
   elif 'prompt' in record and 'response' in record:
     messages = [{'role': 'user', 'content': record['prompt']},
                 {'role': 'assistant', 'content': record['response']}]
   else:
     raise ValueError(f'{where}: needs "messages", or "prompt" and "response"; got keys '
                      f'{sorted(record)}')
-  for message in messages:
-    if message.get('role') not in chat.ROLES or not isinstance(message.get('content'), str):
-      raise ValueError(f'{where}: each message needs a role in {chat.ROLES} and string content; '
-                       f'got {message}')
-  return {'messages': messages, 'answer': record.get('answer')}
+  return {'messages': _checked_messages(messages, where), 'answer': record.get('answer')}
 
 
 def preference_from_record(record: dict, where: str) -> dict:
@@ -133,7 +143,7 @@ def prompt_from_record(record: dict, where: str) -> dict:
 
 
 def from_jsonl(path: str, parse) -> list[dict]:
-  return [parse(record, f'{path}:{i + 1}') for i, record in enumerate(_read_jsonl(path))]
+  return [parse(record, where) for where, record in _read_jsonl(path)]
 
 
 def from_tfds(name: str, data_dir: str, split: str, parse) -> list[dict]:
