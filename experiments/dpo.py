@@ -10,15 +10,12 @@ margin over the reference's), and the format and exact-match rates of greedy rep
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import app
-from absl import flags
-from ml_collections import config_flags
 
+from jaxlm import cli
 from jaxlm import configs
 from jaxlm import dpo
 from jaxlm import lm
 from jaxlm import losses
-from jaxlm import metrics
 from jaxlm import post_training
 from jaxlm import reward
 from jaxlm import sharding
@@ -83,16 +80,5 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     return trainer.train(config, workdir, stage, mesh)
 
 
-def main(argv):
-  del argv
-  metrics.configure_logging()
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == '__main__':
-  # Flags live here so that other programs (and tests) can import several binaries.
-  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/dpo.py',
-                                            'Path to a config file.')
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics go here.',
-                                 required=True)
-  app.run(main)
+  cli.run(train_and_evaluate, 'experiments/configs/dpo.py')

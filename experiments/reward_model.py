@@ -14,10 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from jaxlm import cli
 from jaxlm import configs
 from jaxlm import lm
 from jaxlm import metrics
@@ -96,24 +95,17 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   return state
 
 
-def main(argv):
-  del argv
-  metrics.configure_logging()
+def score_or_train(config, workdir: str) -> None:
   if _SCORE.value:
     records = data_lib.from_jsonl(_SCORE.value, data_lib.conversation_from_record)
-    for result in reward.score(_WORKDIR.value, [r['messages'] for r in records]):
+    for result in reward.score(workdir, [r['messages'] for r in records]):
       print(json.dumps(result))
-    return
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  else:
+    train_and_evaluate(config, workdir)
 
 
 if __name__ == '__main__':
-  # Flags live here so that other programs (and tests) can import several binaries.
-  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/reward_model.py',
-                                            'Path to a config file.')
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics go here.',
-                                 required=True)
   _SCORE = flags.DEFINE_string(
       'score', None, 'Score this JSONL file of conversations ({"messages": [...]} ending in the '
       'reply, or {"prompt": ..., "response": ...}) with the model in --workdir; prints JSON lines.')
-  app.run(main)
+  cli.run(score_or_train, 'experiments/configs/reward_model.py')

@@ -9,10 +9,8 @@ rate and exact-match accuracy of greedy replies to held-out prompts (before trai
 
 import flax.linen as nn
 import jax
-from absl import app
-from absl import flags
-from ml_collections import config_flags
 
+from jaxlm import cli
 from jaxlm import configs
 from jaxlm import lm
 from jaxlm import metrics
@@ -71,16 +69,5 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     return trainer.train(config, workdir, stage, mesh)
 
 
-def main(argv):
-  del argv
-  metrics.configure_logging()
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == '__main__':
-  # Flags live here so that other programs (and tests) can import several binaries.
-  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/sft.py',
-                                            'Path to a config file.')
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics go here.',
-                                 required=True)
-  app.run(main)
+  cli.run(train_and_evaluate, 'experiments/configs/sft.py')

@@ -18,7 +18,6 @@ from jaxlm import sampling
 from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm import trainer
-from jaxlm.data import pipeline
 
 
 def tokenizer_for(config, workdir: str, train_documents) -> tokenizer_lib.Tokenizer:

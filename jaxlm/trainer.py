@@ -15,7 +15,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxlm import checkpoint as checkpoint_lib
