@@ -110,7 +110,7 @@ def report(config, dirs: dict[str, str]) -> dict[str, dict[str, float]]:
 def format_table(summary) -> str:
   stages = [s for s in ('base', 'sft', 'reward_model', 'ppo', 'grpo', 'dpo') if s in summary]
   header = f'| {"stage":<12} | ' + ' | '.join(f'{m.split("/")[1]:>17}' for m in METRICS) + ' |'
-  lines = [header, '|' + '|'.join('-' * (len(c) + 2) for c in header.split('|')[1:-1]) + '|']
+  lines = [header, '|' + '|'.join('-' * len(c) for c in header.split('|')[1:-1]) + '|']
   for stage in stages:
     cells = [f'{summary[stage][m]:17.3f}' if m in summary[stage] else f'{"":>17}'
              for m in METRICS]

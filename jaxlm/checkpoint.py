@@ -139,13 +139,18 @@ class Checkpointer:
 
   def restore_params(self, abstract_params):
     """(params, step) from the newest verified step: the parameters only, for generation or for
-    starting a later stage. None if there is no checkpoint."""
+    starting a later stage. From an RL checkpoint ({'policy': ..., 'value': ...}) this is the
+    policy. None if there is no checkpoint."""
     def restore(step):
-      _check_shapes(self._manager.item_metadata(step)['state'].tree['params'], abstract_params,
+      saved = self._manager.item_metadata(step)['state'].tree['params']
+      is_rl = 'policy' in saved and 'policy' not in abstract_params
+      _check_shapes(saved['policy'] if is_rl else saved, abstract_params,
                     self.directory / str(step))
+      item = {'policy': abstract_params} if is_rl else abstract_params
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=_pytree_restore({'params': abstract_params}, partial=True)))
-      return restored['state']['params'], step
+          state=_pytree_restore({'params': item}, partial=True)))
+      params = restored['state']['params']
+      return (params['policy'] if is_rl else params), step
     return self._restore_newest(restore, on_error=_CheckpointMismatch)
 
   def _restore_state(self, step, abstract_state):

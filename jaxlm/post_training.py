@@ -34,7 +34,8 @@ def start_from(config, workdir: str):
 def examples(data_config, split: str, world, parse, world_examples) -> list[dict]:
   """Records of `split` ('train' or 'eval') from the configured source."""
   if data_config.source == 'world':
-    return world_examples(world, 'train' if split == 'train' else 'heldout',
+    train_split = data_config.get('world_train_split', 'train')
+    return world_examples(world, train_split if split == 'train' else 'heldout',
                           data_config.num_train if split == 'train' else data_config.num_eval)
   if data_config.source == 'jsonl':
     path = data_config.jsonl_train if split == 'train' else data_config.jsonl_eval

@@ -21,18 +21,18 @@ def docs(world):
 
 @pytest.fixture(scope='module')
 def questions(world):
-  return {split: world.questions(split, 500) for split in ('train', 'heldout')}
+  return {split: world.questions(split, 500) for split in world_lib.QUESTION_SPLITS}
 
 
 def _sentences(docs):
   return [s for doc in docs for s in re.split(r'(?<=\.) ', doc) if not EXPRESSION.search(s)]
 
 
-def _fact_source(world, question, split):
+def _fact_source(world, question):
   """The (entity, attribute, template) whose phrasing produced this fact question."""
   matches = [(entity, attribute, template)
              for entity in world.entities
-             for attribute, templates in world_lib.FACT_QUESTIONS[split].items()
+             for attribute, templates in world_lib.FACT_QUESTIONS.items()
              for template in templates
              if template.format(name=entity.name) == question.prompt]
   assert len(matches) == 1, question
@@ -59,14 +59,14 @@ def test_documents_are_prefix_stable_and_splits_are_independent_draws(world, doc
   assert len(shared) < NUM_DOCS // 100, len(shared)
 
 
-def test_arithmetic_problems_partition_all_problems_by_heldout_fraction(world):
-  train = set(world.arithmetic_problems('train'))
-  heldout = set(world.arithmetic_problems('heldout'))
+def test_arithmetic_problems_partition_all_problems_by_the_split_fractions(world):
+  splits = {s: set(world.arithmetic_problems(s)) for s in world_lib.QUESTION_SPLITS}
   n = world.config.max_operand + 1
-  assert train.isdisjoint(heldout)
-  assert len(train | heldout) == n * n + n * (n + 1) // 2  # every sum; differences with b <= a
+  total = n * n + n * (n + 1) // 2  # every sum; differences with b <= a
+  assert sum(len(p) for p in splits.values()) == len(set().union(*splits.values())) == total
   # 15150 problems: a binomial share has std 0.0033, so 0.02 is six sigma.
-  assert len(heldout) / len(train | heldout) == pytest.approx(0.2, abs=0.02)
+  assert len(splits['heldout']) / total == pytest.approx(0.2, abs=0.02)
+  assert len(splits['rl']) / total == pytest.approx(0.2, abs=0.02)
 
 
 @pytest.mark.parametrize('split, problems_split', [('train', 'train'),
@@ -113,20 +113,20 @@ def test_every_document_sentence_states_a_true_fact(world, docs):
     assert set(sentences) <= true_facts
 
 
-@pytest.mark.parametrize('split', ['train', 'heldout'])
+@pytest.mark.parametrize('split', world_lib.QUESTION_SPLITS)
 def test_fact_answers_match_entity_and_are_stated_in_train_docs(world, docs, questions, split):
   sentences = set(_sentences(docs['train']))
   facts = [q for q in questions[split] if q.kind == 'fact']
   assert len(facts) > 300  # three quarters of 500
   for question in facts:
-    entity, attribute, _ = _fact_source(world, question, split)
+    entity, attribute, _ = _fact_source(world, question)
     assert question.answer == getattr(entity, attribute)
     statements = {t.format(name=entity.name, value=question.answer)
                   for t in world_lib.FACT_STATEMENTS[attribute]}
     assert statements & sentences, question
 
 
-@pytest.mark.parametrize('split', ['train', 'heldout'])
+@pytest.mark.parametrize('split', world_lib.QUESTION_SPLITS)
 def test_arithmetic_questions_use_their_split_and_correct_answers(world, questions, split):
   allowed = set(world.arithmetic_problems(split))
   arithmetic = [q for q in questions[split] if q.kind == 'arithmetic']
@@ -137,13 +137,17 @@ def test_arithmetic_questions_use_their_split_and_correct_answers(world, questio
     assert int(question.answer) == (int(a) + int(b) if op == '+' else int(a) - int(b))
 
 
-def test_heldout_fact_questions_use_phrasings_never_used_in_train(world, questions):
-  used = {split: {_fact_source(world, q, split)[2] for q in questions[split] if q.kind == 'fact'}
-          for split in ('train', 'heldout')}
-  assert len(used['heldout']) == 4 and len(used['train']) == 9  # every template got drawn
-  assert used['train'].isdisjoint(used['heldout'])
-  train_prompts = {q.prompt for q in questions['train']}
-  assert train_prompts.isdisjoint(q.prompt for q in questions['heldout'])
+def test_each_split_asks_about_its_own_facts(world, questions):
+  asked = {split: {_fact_source(world, q)[:2] for q in questions[split] if q.kind == 'fact'}
+           for split in world_lib.QUESTION_SPLITS}
+  for split in world_lib.QUESTION_SPLITS:
+    pairs = {(e, a) for e, a in world.asked_facts(split)}
+    assert asked[split] <= pairs and len(asked[split]) > len(pairs) // 2
+  assert asked['train'].isdisjoint(asked['heldout'])
+  assert asked['train'].isdisjoint(asked['rl'])
+  assert asked['rl'].isdisjoint(asked['heldout'])
+  every_pair = {(e, a) for e in world.entities for a in world_lib.ATTRIBUTES}
+  assert set().union(*(set(world.asked_facts(s)) for s in world_lib.QUESTION_SPLITS)) == every_pair
 
 
 def test_check_answer_normalises_case_space_and_trailing_period():

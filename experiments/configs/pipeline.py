@@ -16,19 +16,21 @@ from experiments.configs import tiny
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.pretrain = tiny.get_config()
-  c.pretrain.train.steps = 500
+  c.pretrain.train.steps = 600
   c.sft = sft.get_config()
   c.sft.train.steps = 200
   c.reward_model = reward_model.get_config()
   c.reward_model.train.steps = 200
+  c.reward_model.data.seq_len = 64  # preference rows are padded, and world replies are short
   c.grpo = rl.get_config()
-  c.grpo.train.steps = 40
+  c.grpo.train.steps = 60
   c.ppo = rl.get_config()
   c.ppo.update(algorithm='ppo', reward='model')
   c.ppo.rollout.samples_per_prompt = 2
   c.ppo.train.steps = 40
   c.dpo = dpo.get_config()
   c.dpo.train.steps = 100
+  c.dpo.data.seq_len = 64
   for stage in ('sft', 'reward_model', 'grpo', 'ppo', 'dpo'):
     c[stage].eval_every = 0  # the pipeline evaluates every stage the same way at the end
   # The report: every policy on the same held-out prompts and preference pairs.

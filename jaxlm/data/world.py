@@ -8,12 +8,16 @@ know and which a tiny model can learn in minutes on a CPU. Everything here follo
 - known people, each with a city, colour, pet and job stated in documents, and a secret that is
   never stated anywhere (for refusal tests);
 - unknown people who never appear in any document (for abstention tests);
-- arithmetic on operands up to `max_operand`, each problem assigned to 'train' or 'heldout' by a
-  hash of the problem itself, so the split does not depend on how many documents are drawn.
+- arithmetic on operands up to `max_operand`.
 
-Documents and questions of each split come from their own random stream. Validation documents
-state the same facts as train documents but only held-out arithmetic; held-out fact questions
-use phrasings that train questions never use.
+Questions are split three ways by a hash of what they ask (a person's attribute, or a problem),
+so splits never depend on how much is drawn: 'train' for SFT and the reward model, 'rl' for RL
+prompts, 'heldout' for evaluation. Every fact is stated in pretraining documents, but a held-out
+fact is never *asked* in training data: answering it means recalling what pretraining read.
+Arithmetic problems outside 'train' never appear anywhere in training text.
+
+Documents and questions of each split come from their own random stream. Validation
+documents state the same facts as train documents but only held-out arithmetic.
 """
 
 import dataclasses
@@ -47,23 +51,20 @@ FACT_STATEMENTS = {
             '{name} earns a living as a {value}.'),
 }
 
-# Held-out phrasings never occur in train questions, so they test generalisation of the skill.
 FACT_QUESTIONS = {
-    'train': {
-        'city': ('Where does {name} live?', 'In which city does {name} live?',
-                 'What is the home town of {name}?'),
-        'colour': ('What is the favourite colour of {name}?',
-                   'Which colour does {name} like best?'),
-        'pet': ('What is the pet of {name}?', 'What kind of pet does {name} keep?'),
-        'job': ('What is the job of {name}?', 'What does {name} work as?'),
-    },
-    'heldout': {
-        'city': ('Which city is home to {name}?',),
-        'colour': ('Which colour is the favourite of {name}?',),
-        'pet': ('Which animal does {name} keep as a pet?',),
-        'job': ('What is the trade of {name}?',),
-    },
+    'city': ('Where does {name} live?', 'In which city does {name} live?',
+             'What is the home town of {name}?', 'Which city is home to {name}?'),
+    'colour': ('What is the favourite colour of {name}?', 'Which colour does {name} like best?',
+               'Which colour is the favourite of {name}?'),
+    'pet': ('What is the pet of {name}?', 'What kind of pet does {name} keep?',
+            'Which animal does {name} keep as a pet?'),
+    'job': ('What is the job of {name}?', 'What does {name} work as?',
+            'What is the trade of {name}?'),
 }
+
+# Questions are split three ways: 'train' (SFT, reward model), 'rl' (RL prompts) and 'heldout'
+# (evaluation). Each (person, attribute) and each arithmetic problem belongs to one split.
+QUESTION_SPLITS = ('train', 'rl', 'heldout')
 
 _CONSONANTS = 'bdfgklmnprstvz'
 _VOWELS = 'aeiou'
@@ -75,7 +76,7 @@ _NAME_CAPACITY = len(_SYLLABLES) ** 4 * len(_SURNAME_ENDINGS)
 
 # Each random stream is seeded with (seed, index here); append only, or every world changes.
 _STREAMS = ('entities', 'documents/train', 'documents/validation', 'questions/train',
-            'questions/heldout')
+            'questions/heldout', 'questions/rl')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,8 @@ class WorldConfig:
   num_entities: int = 64
   num_unknown_entities: int = 32
   max_operand: int = 99
-  heldout_fraction: float = 0.2  # share of arithmetic problems kept out of training
+  heldout_fraction: float = 0.2  # share of questions (facts asked, problems) kept for evaluation
+  rl_fraction: float = 0.2  # share kept for RL prompts
   arithmetic_fraction: float = 0.25  # share of documents and questions that are arithmetic
 
   def __post_init__(self):
@@ -101,6 +103,9 @@ class WorldConfig:
     if not 0 < self.heldout_fraction < 1:
       raise ValueError(f'WorldConfig.heldout_fraction must be in (0, 1), got '
                        f'{self.heldout_fraction}')
+    if not 0 < self.rl_fraction < 1 - self.heldout_fraction:
+      raise ValueError(f'WorldConfig.rl_fraction must be in (0, 1 - heldout_fraction), got '
+                       f'{self.rl_fraction}')
     if not 0 <= self.arithmetic_fraction <= 1:
       raise ValueError(f'WorldConfig.arithmetic_fraction must be in [0, 1], got '
                        f'{self.arithmetic_fraction}')
@@ -146,11 +151,20 @@ class World:
     self.entities = [_random_entity(rng, name) for name in names[:config.num_entities]]
     self.unknown_entities = names[config.num_entities:]
     self._problems = _split_problems(config)
+    self._facts = {split: [] for split in QUESTION_SPLITS}
+    for entity in self.entities:
+      for attribute in ATTRIBUTES:
+        self._facts[_split_of(config, f'{entity.name}/{attribute}')].append((entity, attribute))
 
   def arithmetic_problems(self, split: str) -> tuple[tuple[int, str, int], ...]:
-    """The (a, op, b) problems of split 'train' or 'heldout'; subtraction never goes negative."""
-    _check_split(split, ('train', 'heldout'))
+    """The (a, op, b) problems of a question split; subtraction never goes negative."""
+    _check_split(split, QUESTION_SPLITS)
     return self._problems[split]
+
+  def asked_facts(self, split: str) -> list[tuple[Entity, str]]:
+    """The (person, attribute) pairs whose questions belong to `split`."""
+    _check_split(split, QUESTION_SPLITS)
+    return self._facts[split]
 
   def documents(self, split: str, num_docs: int) -> list[str]:
     """Pretraining paragraphs; the first k of num_docs equal documents(split, k)."""
@@ -161,19 +175,18 @@ class World:
             else self._fact_document(rng) for _ in range(num_docs)]
 
   def questions(self, split: str, num: int) -> list[Question]:
-    """Fact and arithmetic questions; 'heldout' uses held-out problems and phrasings."""
-    _check_split(split, ('train', 'heldout'))
+    """Fact and arithmetic questions of one split (see the module docstring)."""
+    _check_split(split, QUESTION_SPLITS)
     rng = self._rng(f'questions/{split}')
-    problems = self._problems[split]
+    problems, facts = self._problems[split], self._facts[split]
     questions = []
     for _ in range(num):
       if rng.random() < self.config.arithmetic_fraction:
         a, op, b = problems[rng.integers(len(problems))]
         questions.append(Question(f'What is {a} {op} {b}?', str(_solve(a, op, b)), 'arithmetic'))
       else:
-        entity = self.entities[rng.integers(len(self.entities))]
-        attribute = ATTRIBUTES[rng.integers(len(ATTRIBUTES))]
-        templates = FACT_QUESTIONS[split][attribute]
+        entity, attribute = facts[rng.integers(len(facts))]
+        templates = FACT_QUESTIONS[attribute]
         prompt = templates[rng.integers(len(templates))].format(name=entity.name)
         questions.append(Question(prompt, getattr(entity, attribute), 'fact'))
     return questions
@@ -222,18 +235,25 @@ def _random_entity(rng: np.random.Generator, name: str) -> Entity:
   return Entity(name=name, secret=secret, **values)
 
 
+def _split_of(config: WorldConfig, key: str) -> str:
+  """The question split of `key`, from a hash of (seed, key): stable whatever else is drawn."""
+  digest = hashlib.blake2b(f'{config.seed}:{key}'.encode(), digest_size=8).digest()
+  fraction = int.from_bytes(digest, 'little') / 2**64
+  if fraction < config.heldout_fraction:
+    return 'heldout'
+  return 'rl' if fraction < config.heldout_fraction + config.rl_fraction else 'train'
+
+
 def _split_problems(config: WorldConfig) -> dict[str, tuple[tuple[int, str, int], ...]]:
-  """Assigns each problem by a hash of (seed, problem): stable whatever else is drawn."""
-  split = {'train': [], 'heldout': []}
+  split = {name: [] for name in QUESTION_SPLITS}
   operands = range(config.max_operand + 1)
   for a, op, b in [(a, '+', b) for a in operands for b in operands] + [
       (a, '-', b) for a in operands for b in operands if b <= a]:
-    digest = hashlib.blake2b(f'{config.seed}:{a} {op} {b}'.encode(), digest_size=8).digest()
-    heldout = int.from_bytes(digest, 'little') < config.heldout_fraction * 2**64
-    split['heldout' if heldout else 'train'].append((a, op, b))
-  if not split['train'] or not split['heldout']:
-    raise ValueError(f'WorldConfig.heldout_fraction={config.heldout_fraction} leaves the train '
-                     f'or held-out arithmetic empty for max_operand={config.max_operand}')
+    split[_split_of(config, f'{a} {op} {b}')].append((a, op, b))
+  if not all(split.values()):
+    raise ValueError(f'WorldConfig.heldout_fraction={config.heldout_fraction} and rl_fraction='
+                     f'{config.rl_fraction} leave a split of arithmetic empty for max_operand='
+                     f'{config.max_operand}')
   return {name: tuple(problems) for name, problems in split.items()}
 
 

@@ -1,0 +1,35 @@
+"""The whole pipeline, tiny: every stage runs from the previous one and the report adds up."""
+
+import json
+import os
+
+from experiments import pipeline
+from experiments.configs import pipeline as pipeline_config
+from tests import tiny_config
+
+
+def test_the_pipeline_runs_every_stage_and_writes_the_summary(tmp_path):
+  config = pipeline_config.get_config()
+  config.pretrain = tiny_config.config(steps=4)
+  config.sft = tiny_config.sft_config('', steps=2)
+  config.reward_model = tiny_config.reward_config('', steps=2)
+  config.grpo = tiny_config.rl_config('', steps=2)
+  config.ppo = tiny_config.rl_config('', steps=2, algorithm='ppo', reward='model',
+                                     **{'rollout.samples_per_prompt': 1})
+  config.dpo = tiny_config.dpo_config('', steps=2)
+  config.report.update(num_prompts=8, num_pairs=8, batch_size=8, seq_len=64, prompt_len=48,
+                       max_new_tokens=8)
+  dirs = pipeline.run_stages(config, str(tmp_path))
+  summary = pipeline.report(config, dirs)
+  assert set(summary) == {'base', 'sft', 'reward_model', 'ppo', 'grpo', 'dpo'}
+  for stage in pipeline.POLICY_STAGES:
+    assert set(summary[stage]) == set(pipeline.METRICS)
+    for name in ('eval/format_rate', 'eval/exact_match', 'eval/pairwise_accuracy'):
+      assert 0.0 <= summary[stage][name] <= 1.0
+  # The KL is measured to the SFT model, so the SFT model's own is exactly zero.
+  assert summary['sft']['eval/kl'] == 0.0
+  with open(os.path.join(dirs['reward_model'], 'metrics.jsonl')) as f:
+    final = [json.loads(line) for line in f][-1]
+  assert summary['reward_model'] == {'eval/pairwise_accuracy': final['eval/pairwise_accuracy']}
+  table = pipeline.format_table(summary)
+  assert table.count('\n') == 7 and '| grpo' in table
