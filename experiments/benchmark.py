@@ -37,7 +37,8 @@ def state_bytes_on_first_device(state) -> int:
 def benchmark(config, steps: int, vocab_size: int) -> dict:
   configs.validate(config, {'data.source': pipeline.SOURCES})
   tc, seq_len = config.train, config.data.seq_len
-  model_config = model_lib.ModelConfig.from_config(config.model, vocab_size)
+  padded = -(-vocab_size // config.model.vocab_multiple) * config.model.vocab_multiple
+  model_config = model_lib.ModelConfig.from_config(config.model, padded, vocab_size)
   model = model_lib.Transformer(model_config)
   mesh = sharding.make_mesh(config.mesh)
   optimizer = trainer.make_optimizer(tc)

@@ -15,7 +15,6 @@ from jaxlm import cli
 from jaxlm import configs
 from jaxlm import dpo
 from jaxlm import lm
-from jaxlm import losses
 from jaxlm import post_training
 from jaxlm import reward
 from jaxlm import sharding
@@ -25,6 +24,9 @@ from jaxlm.data import post_training as data_lib
 
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   configs.validate(config, {'data.source': data_lib.SOURCES})
+  if config.train.grad_accum_steps != 1:
+    raise ValueError('config.train.grad_accum_steps must be 1 for DPO (reference log-probs are '
+                     'computed per batch); lower config.train.batch_size instead')
   tokenizer, model, world = post_training.start_from(config, workdir)
   configs.validate(config)
   configs.save(config, workdir)
@@ -47,11 +49,8 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     @jax.jit
     def eval_step(params, batch):
       chosen, rejected = dpo.pair_log_probs(model, params, batch)
-      sums = losses.dpo_loss(chosen, rejected, batch['ref_chosen'], batch['ref_rejected'],
-                             config.beta, config.label_smoothing)
       margin = (chosen - batch['ref_chosen']) - (rejected - batch['ref_rejected'])
-      return {'correct': jnp.sum((margin > 0) * batch['valid']), 'count': jnp.sum(batch['valid']),
-              'loss': sums['loss']}
+      return {'correct': jnp.sum((margin > 0) * batch['valid']), 'count': jnp.sum(batch['valid'])}
 
     evaluate_answers = post_training.make_answer_evaluator(
         model, tokenizer, data_lib.world_sft_examples(world, 'heldout', config.eval.num_prompts)

@@ -16,6 +16,7 @@ import numpy as np
 from jaxlm import cli
 from jaxlm import configs
 from jaxlm import lm
+from jaxlm import losses
 from jaxlm import metrics
 from jaxlm import model as model_lib
 from jaxlm import post_training
@@ -29,7 +30,7 @@ from jaxlm.data import post_training as data_lib
 def _validate(config):
   configs.validate(config, {'data.source': data_lib.SOURCES, 'algorithm': rl.ALGORITHMS,
                             'reward': tuple(rl.REWARD_FUNCTIONS) + ('model',),
-                            'kl_estimator': ('k1', 'k2', 'k3')})
+                            'kl_estimator': losses.KL_KINDS})
   if config.reward == 'model' and not config.reward_workdir:
     raise ValueError('config.reward_workdir must name a reward-model workdir when '
                      'config.reward is "model"')
@@ -37,6 +38,15 @@ def _validate(config):
   if rows % config.minibatches:
     raise ValueError(f'config.rollout.prompts_per_step * samples_per_prompt ({rows}) must be '
                      f'divisible by config.minibatches ({config.minibatches})')
+  if config.rollout.temperature != 1.0:
+    raise ValueError('config.rollout.temperature must be 1.0: the importance ratios and the KL '
+                     'are taken under the policy itself, which is what samples at 1.0')
+  if config.kl.adaptive and not (config.kl.target > 0 and config.kl.horizon > 0):
+    raise ValueError('config.kl.target and config.kl.horizon must be positive with '
+                     'config.kl.adaptive')
+  if jax.process_count() > 1:
+    raise ValueError('experiments.rl runs in one process for now (rollout decoding and '
+                     'verifiable rewards are host-local); use a single-host mesh')
   if config.algorithm == 'grpo' and config.rollout.samples_per_prompt < 2:
     raise ValueError('config.rollout.samples_per_prompt must be >= 2 for GRPO (advantages are '
                      'relative to the other replies to the same prompt)')
@@ -49,12 +59,18 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     config.train.batch_size = config.rollout.prompts_per_step
     config.train.grad_accum_steps = 1
   configs.validate(config)
+  if config.rollout.prompt_len + config.rollout.max_new_tokens > config.model.max_seq_len:
+    raise ValueError(f'config.rollout.prompt_len + max_new_tokens exceeds the model\'s '
+                     f'max_seq_len ({config.model.max_seq_len})')
   configs.save(config, workdir)
   critic = model_lib.ScalarHeadModel(policy.config)
   prompts = post_training.examples(config.data, 'train', world, data_lib.prompt_from_record,
                                    data_lib.world_prompts)
   eval_prompts = post_training.examples(config.data, 'eval', world, data_lib.prompt_from_record,
                                         data_lib.world_prompts)
+  if config.reward != 'model' and not all(p.get('answer') for p in prompts):
+    raise ValueError(f'config.reward={config.reward!r} checks answers: every RL prompt needs an '
+                     '"answer" (or use config.reward="model")')
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     reference = lm.load_params(config.init_workdir, policy, mesh)

@@ -56,13 +56,16 @@ def parse_answer(response: str) -> str | None:
   return match.group(1) if match else None
 
 
+def is_correct(reply: str, answer: str) -> bool:
+  """Well formed, with the right answer (ignoring case and surrounding space)."""
+  parsed = parse_answer(reply)
+  return parsed is not None and parsed.strip().lower() == answer.strip().lower()
+
+
 def answer_metrics(replies: list[str], answers: list[str]) -> dict[str, float]:
   """Format-following rate and exact-match accuracy of replies against reference answers."""
   if len(replies) != len(answers):
     raise ValueError(f'{len(replies)} replies for {len(answers)} answers')
-  parsed = [parse_answer(reply) for reply in replies]
-  matches = [p is not None and p.strip().lower() == a.strip().lower()
-             for p, a in zip(parsed, answers)]
   n = max(len(replies), 1)
-  return {'eval/format_rate': sum(p is not None for p in parsed) / n,
-          'eval/exact_match': sum(matches) / n}
+  return {'eval/format_rate': sum(parse_answer(r) is not None for r in replies) / n,
+          'eval/exact_match': sum(is_correct(r, a) for r, a in zip(replies, answers)) / n}

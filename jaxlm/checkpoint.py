@@ -74,18 +74,23 @@ class _CheckpointMismatch(ValueError):
   """The checkpoint is intact but holds other parameters than the model needs."""
 
 
-def _check_shapes(saved_params, abstract_params, where) -> None:
-  saved = {jax.tree_util.keystr(k): v.shape
-           for k, v in jax.tree_util.tree_flatten_with_path(saved_params)[0]}
-  wanted = {jax.tree_util.keystr(k): v.shape
-            for k, v in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+def _check_shapes(saved_tree, abstract_tree, where, prefix: str = 'params') -> None:
+  def path_name(path):  # dict keys and dataclass fields alike, as saved and as in memory
+    return ''.join(f"['{getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))}']"
+                   for k in path)
+
+  def shapes(tree):
+    return {path_name(path): tuple(v.shape)
+            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(v, 'shape')}
+  saved, wanted = shapes(saved_tree), shapes(abstract_tree)
   for name, shape in wanted.items():
     if name not in saved:
-      raise _CheckpointMismatch(f'{where} has no parameter params{name}; it holds another model')
-    if tuple(saved[name]) != tuple(shape):
+      raise _CheckpointMismatch(f'{where} has no {prefix}{name}; it holds another model (a '
+                                'changed config?)')
+    if saved[name] != shape:
       raise _CheckpointMismatch(
-          f'parameter params{name} has shape {tuple(saved[name])} in {where} but the model needs '
-          f'{tuple(shape)} (another architecture or vocabulary?)')
+          f'{prefix}{name} has shape {saved[name]} in {where} but the model needs {shape} '
+          '(another architecture or vocabulary?)')
 
 
 def _pytree_restore(abstract, partial: bool = False):
@@ -135,7 +140,8 @@ class Checkpointer:
     `abstract_state` holds `jax.ShapeDtypeStruct`s with shardings: arrays are restored straight
     onto the current mesh, whatever mesh they were saved from.
     """
-    return self._restore_newest(lambda step: self._restore_state(step, abstract_state))
+    return self._restore_newest(lambda step: self._restore_state(step, abstract_state),
+                                on_error=_CheckpointMismatch)
 
   def restore_params(self, abstract_params):
     """(params, step) from the newest verified step: the parameters only, for generation or for
@@ -154,9 +160,12 @@ class Checkpointer:
     return self._restore_newest(restore, on_error=_CheckpointMismatch)
 
   def _restore_state(self, step, abstract_state):
+    # Another model in the same workdir (a changed config) is the user's error, not damage.
+    _check_shapes(self._manager.item_metadata(step)['state'].tree, abstract_state,
+                  self.directory / str(step), prefix='')
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=_pytree_restore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored['state'], restored['data'], step
+    return restored['state'], from_json(restored['data']), step
 
   def _restore_newest(self, restore, on_error=()):
     for step in sorted(self._manager.all_steps(), reverse=True):

@@ -27,12 +27,12 @@ def pair_log_probs(model, params, batch):
 
 
 def add_reference(model, reference_params):
-  """A jitted batch -> batch with the frozen reference's reply log-probs added."""
+  """batch -> batch with the frozen reference's reply log-probs added."""
   @jax.jit
-  def add(batch):
-    chosen, rejected = pair_log_probs(model, reference_params, batch)
+  def add(params, batch):
+    chosen, rejected = pair_log_probs(model, params, batch)
     return dict(batch, ref_chosen=chosen, ref_rejected=rejected)
-  return add
+  return lambda batch: add(reference_params, batch)
 
 
 def dpo_loss(model, beta: float, label_smoothing: float):

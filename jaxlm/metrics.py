@@ -36,10 +36,6 @@ class MetricsWriter:
       self._tb.add_scalar(name, value, step)
     self._tb.flush()
 
-  def write_text(self, step: int, name: str, text: str) -> None:
-    if self.enabled:
-      self._tb.add_text(name, text, step)
-
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
@@ -58,7 +54,8 @@ class Progress:
     done = step - self._start_step
     eta = elapsed / done * (self.total_steps - step) if done > 0 else float('nan')
     parts = [f'step {step}/{self.total_steps}']
-    for key, fmt in (('train/loss', 'loss {:.4f}'), ('eval/loss', 'eval_loss {:.4f}'),
+    for key, fmt in (('train/loss', 'loss {:.4f}'), ('rollout/mean_reward', 'reward {:.3f}'),
+                     ('eval/loss', 'eval_loss {:.4f}'), ('eval/exact_match', 'exact {:.3f}'),
                      ('perf/tokens_per_sec', '{:,.0f} tok/s'), ('perf/mfu', 'MFU {:.1%}')):
       if key in metrics:
         parts.append(fmt.format(metrics[key]))

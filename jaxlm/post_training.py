@@ -27,7 +27,9 @@ def start_from(config, workdir: str):
     config.model = base_config.model
     config.tokenizer = base_config.tokenizer
     config.tokenizer.path = ''
-  world = world_lib.World(world_lib.WorldConfig(seed=base_config.data.get('world_seed', 0)))
+    # Carried from stage to stage, so every stage asks about the world pretraining read.
+    config.data.world_seed = base_config.data.get('world_seed', 0)
+  world = world_lib.World(world_lib.WorldConfig(seed=config.data.world_seed))
   return tokenizer, model, world
 
 

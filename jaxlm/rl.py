@@ -41,8 +41,7 @@ def register_reward(name: str):
 @register_reward('exact_match')
 def exact_match_reward(reply: str, example: dict) -> float:
   """1 for a well-formed reply with the right answer, else 0."""
-  answer = chat.parse_answer(reply)
-  return float(answer is not None and answer.strip().lower() == example['answer'].lower())
+  return float(chat.is_correct(reply, example['answer']))
 
 
 @register_reward('format')
@@ -124,10 +123,12 @@ def make_loss(policy, critic, rl_config):
     mask = batch['mask']
     policy_sums = losses.ppo_policy_loss(logp, batch['old_log_probs'], batch['advantages'], mask,
                                          rl_config.clip_eps)
-    kl_sum = jnp.sum(losses.kl_estimate(logp, batch['ref_log_probs'], rl_config.kl_estimator)
-                     * mask)
+    # Off the mask the reference log-prob is a placeholder: keep its estimate out entirely.
+    kl_sum = jnp.sum(jnp.where(mask > 0, losses.kl_estimate(logp, batch['ref_log_probs'],
+                                                            rl_config.kl_estimator), 0.0))
     total = policy_sums['loss']
     sums = {'policy_loss': policy_sums['loss'], 'clip_fraction': policy_sums['clip_fraction'],
+            'approx_kl': policy_sums['approx_kl'],
             'kl': kl_sum, 'entropy': jnp.sum(entropy(logits) * mask),
             'count': policy_sums['count']}
     if rl_config.algorithm == 'grpo':

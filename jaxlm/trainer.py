@@ -216,7 +216,8 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
   try:
     for step in range(start_step + 1, tc.steps + 1):
       state, train_metrics = train_step(state, prepare_batch(state, next(data_iterator)))
-      if step % config.log_every == 0 or step == tc.steps:
+      evaluate = (config.eval_every and step % config.eval_every == 0) or step == tc.steps
+      if step % config.log_every == 0 or evaluate:
         scalars = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
         now = time.time()
         tokens_per_sec = tokens_per_step * (step - last_step) / (now - last_time)
@@ -226,7 +227,7 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
             'perf/tokens_per_sec': tokens_per_sec,
             'perf/mfu': tokens_per_sec * stage.flops_per_token / peak,
         })
-        if (config.eval_every and step % config.eval_every == 0) or step == tc.steps:
+        if evaluate:
           scalars.update(stage.evaluate(state.params, step))
           last_time = time.time()  # evaluation is not training throughput
         writer.write(step, scalars)

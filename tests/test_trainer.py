@@ -170,3 +170,31 @@ def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, damage,
   assert sorted(second) == [5, 6, 7, 8]
   assert [second[s] for s in second] == [first[s] for s in second]
   assert int(state.step) == 8
+
+
+def test_the_data_position_survives_the_checkpoint_with_its_tuples(tmp_path):
+  """Grain's packer marks "no remainder" with (-1, -1); JSON would hand back a list."""
+  from jaxlm import checkpoint
+  state = {'w': jax.numpy.arange(4.0)}
+  data_state = {'remainder_slices': {'inputs': (-1, -1)}, 'parent': {'next_index': 3}}
+  saver = checkpoint.Checkpointer(str(tmp_path), keep=1, async_save=False)
+  saver.save(1, state, data_state)
+  saver.close()
+  abstract = {'w': jax.ShapeDtypeStruct((4,), jax.numpy.float32,
+                                        sharding=jax.sharding.SingleDeviceSharding(
+                                            jax.devices()[0]))}
+  restored_state, restored_data, step = checkpoint.Checkpointer(
+      str(tmp_path), keep=1).restore_latest(abstract)
+  assert step == 1 and restored_data == data_state
+  np.testing.assert_array_equal(restored_state['w'], np.arange(4.0))
+
+
+def test_a_checkpoint_of_another_model_is_an_error_not_damage(tmp_path):
+  from jaxlm import checkpoint
+  saver = checkpoint.Checkpointer(str(tmp_path), keep=1, async_save=False)
+  saver.save(1, {'w': jax.numpy.zeros(4)}, {})
+  saver.close()
+  abstract = {'w': jax.ShapeDtypeStruct((5,), jax.numpy.float32)}
+  with pytest.raises(ValueError, match=r"\['w'\] has shape \(4,\)"):
+    checkpoint.Checkpointer(str(tmp_path), keep=1).restore_latest(abstract)
+  assert os.listdir(tmp_path) == ['1']  # nothing was moved aside

@@ -64,7 +64,7 @@ def world_preference_pairs(world: world_lib.World, split: str, num: int,
   kinds = list(proportions)
   weights = np.array([proportions[k] for k in kinds], float)
   questions = world.questions(split, num)  # checks the split
-  rng = np.random.default_rng([seed, ('train', 'heldout').index(split)])
+  rng = np.random.default_rng([seed, world_lib.QUESTION_SPLITS.index(split)])
   pairs = []
   for question in questions:
     kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
