@@ -28,9 +28,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.ppo.update(algorithm='ppo', reward='model')
   c.ppo.rollout.samples_per_prompt = 2
   c.ppo.train.steps = 40
+  c.ppo.kl.coef = 0.2  # the reward model is imperfect: a tighter leash limits reward hacking
+  c.ppo.train.learning_rate = 2e-5
   c.dpo = dpo.get_config()
   c.dpo.train.steps = 100
   c.dpo.data.seq_len = 64
+  c.dpo.beta = 0.3
+  c.dpo.train.learning_rate = 2e-5
   for stage in ('sft', 'reward_model', 'grpo', 'ppo', 'dpo'):
     c[stage].eval_every = 0  # the pipeline evaluates every stage the same way at the end
   # The report: every policy on the same held-out prompts and preference pairs.
