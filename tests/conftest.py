@@ -2,7 +2,20 @@
 
 import os
 
-# Must be set before jax initialises its backend.
+# Must be set before jax initialises its backend (these imports do not import jax).
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # pylint: disable=wrong-import-position
+
+from jaxlm import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
+from jaxlm.data import world as world_lib  # pylint: disable=wrong-import-position
+
+
+@pytest.fixture(scope='session')
+def tokenizer(tmp_path_factory):
+  """A BPE tokenizer (vocabulary 512) trained on the synthetic world's text."""
+  path = tmp_path_factory.mktemp('tokenizer') / 'tokenizer.model'
+  return tokenizer_lib.Tokenizer.train(world_lib.World().documents('train', 500), str(path),
+                                       vocab_size=512, model_type='bpe')

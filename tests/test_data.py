@@ -21,12 +21,6 @@ FIELDS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
 
 
 @pytest.fixture(scope='module')
-def tokenizer(tmp_path_factory):
-  path = tmp_path_factory.mktemp('tokenizer') / 'tokenizer.model'
-  return tokenizer_lib.Tokenizer.train(world_lib.World().documents('train', 500), str(path), 512)
-
-
-@pytest.fixture(scope='module')
 def docs():
   """Documents of 30-120 tokens: most span several 32-token rows."""
   return world_lib.World(world_lib.WorldConfig(seed=5)).documents('train', 40)

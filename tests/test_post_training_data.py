@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 
 from jaxlm import chat
-from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.data import post_training as data_lib
 from jaxlm.data import world as world_lib
 
 # Documented ids: bos 1, then the chat markers in CHAT_TOKENS order.
 BOS, SYSTEM, USER, ASSISTANT, END_OF_TURN = 1, 3, 4, 5, 6
 ROLE_TOKENS = (SYSTEM, USER, ASSISTANT)
-
-
-@pytest.fixture(scope='module')
-def tokenizer(tmp_path_factory):
-  path = tmp_path_factory.mktemp('tokenizer') / 'tokenizer.model'
-  return tokenizer_lib.Tokenizer.train(world_lib.World().documents('train', 500), str(path),
-                                       vocab_size=512, model_type='bpe')
 
 
 @pytest.fixture(scope='module')

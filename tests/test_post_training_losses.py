@@ -11,7 +11,6 @@ import pytest
 from jaxlm import losses
 from jaxlm import model as model_lib
 from jaxlm import reward
-from jaxlm import tokenizer as tokenizer_lib
 from jaxlm import trainer
 from jaxlm.data import post_training as data_lib
 from jaxlm.data import world as world_lib
@@ -34,13 +33,6 @@ REORDER_ATOL = 2e-4
 REWARD_ATOL = 1e-5
 # Masked keys get softmax weight exactly 0: only XLA re-association separates the results.
 MASKED_ATOL = 1e-6
-
-
-@pytest.fixture(scope='module')
-def tokenizer(tmp_path_factory):
-  path = tmp_path_factory.mktemp('tokenizer') / 'tokenizer.model'
-  return tokenizer_lib.Tokenizer.train(world_lib.World().documents('train', 500), str(path),
-                                       vocab_size=512, model_type='bpe')
 
 
 @pytest.fixture(scope='module')
