@@ -1,4 +1,4 @@
-"""A ~1.2B LLaMA-style model for GPU/TPU: GQA, untied embeddings, scanned and rematerialised
+"""A ~1.1B LLaMA-style model for GPU/TPU: GQA, untied embeddings, scanned and rematerialised
 layers, bf16 compute over fp32 parameters, FSDP across all devices."""
 
 from experiments.configs import base
