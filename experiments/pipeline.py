@@ -77,7 +77,7 @@ def report(config, dirs: dict[str, str]) -> dict[str, dict[str, float]]:
   summary = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     reference = lm.load_params(dirs['sft'], policy, mesh)
-    scorer = rl.Scorer(rl_config, tokenizer, policy, critic, critic, reference,
+    scorer = rl.Scorer(rl_config, policy, critic, critic, reference,
                        lm.load_params(dirs['reward_model'], critic, mesh),
                        reward.load_stats(dirs['reward_model']))
     prompts = [{'messages': c['messages'][:-1], 'answer': c['answer']} for c in conversations]

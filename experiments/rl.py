@@ -76,7 +76,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     reference = lm.load_params(config.init_workdir, policy, mesh)
     uses_reward_model = config.reward == 'model'
     scorer = rl.Scorer(
-        config, tokenizer, policy, critic, critic, reference,
+        config, policy, critic, critic, reference,
         lm.load_params(config.reward_workdir, critic, mesh) if uses_reward_model else None,
         reward_lib.load_stats(config.reward_workdir) if uses_reward_model else None)
     iterator = rl.PromptIterator(

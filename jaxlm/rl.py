@@ -225,9 +225,9 @@ class PromptIterator:
 class Scorer:
   """Turns rollouts into a training batch: rewards, reference log-probs, values, advantages."""
 
-  def __init__(self, rl_config, tokenizer, policy, critic, reward_model, reference_params,
-               reward_params, reward_stats):
-    self.config, self.tokenizer = rl_config, tokenizer
+  def __init__(self, rl_config, policy, critic, reward_model, reference_params, reward_params,
+               reward_stats):
+    self.config = rl_config
     self.policy, self.critic, self.reward_model = policy, critic, reward_model
     self.reference_params, self.reward_params = reference_params, reward_params
     self.reward_stats = reward_stats
