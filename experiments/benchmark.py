@@ -17,6 +17,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from jaxlm import cli
 from jaxlm import configs
 from jaxlm import lm
 from jaxlm import metrics
@@ -95,10 +96,12 @@ def benchmark(config, steps: int, vocab_size: int) -> dict:
 
 def main(argv):
   del argv
+  _INITIALIZE_DISTRIBUTED()
   metrics.configure_logging()
   config = _CONFIG.value
   result = benchmark(config, _STEPS.value, _VOCAB.value or config.tokenizer.vocab_size)
-  print(json.dumps(result, indent=2))
+  if jax.process_index() == 0:
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == '__main__':
@@ -108,4 +111,5 @@ if __name__ == '__main__':
   _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps, after one warm-up step.')
   _VOCAB = flags.DEFINE_integer('vocab_size', None,
                                 'Vocabulary size; default: config.tokenizer.vocab_size.')
+  _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()
   app.run(main)

@@ -19,6 +19,7 @@ from jaxlm import model as model_lib
 from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import pipeline
+from jaxlm.data import shards
 
 
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
@@ -49,10 +50,11 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     stage = trainer.Stage(
         init_params=lm.init_params_fn(model, config.data.seq_len),
         loss_fn=trainer.language_model_loss(model, config.train.z_loss),
-        train_batches=pipeline.packed_batches(
-            train_docs, tokenizer, config.data.seq_len,
-            sharding.batch_size_per_process(config.train.batch_size, mesh), seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count()),
+        train_batches=shards.ShardedBatches(
+            lambda shard, num_shards, rows: pipeline.packed_batches(
+                train_docs, tokenizer, config.data.seq_len, rows, seed=config.seed,
+                shard_index=shard, num_shards=num_shards),
+            config.data.num_shards, config.train.batch_size, mesh),
         evaluate=evaluate,
         flops_per_token=model.config.flops_per_token(config.data.seq_len),
         tokens_per_row=config.data.seq_len)

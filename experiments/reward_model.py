@@ -26,6 +26,7 @@ from jaxlm import reward
 from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import post_training as data_lib
+from jaxlm.data import shards
 
 
 def _pair_metrics(model, mesh, batches):
@@ -76,10 +77,10 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
         init_params=lm.init_params_fn(model, seq_len),
         load_params=lambda params: {**params, 'transformer': load_backbone(params['transformer'])},
         loss_fn=reward.bradley_terry_loss(model, config.loss_margin, config.loss_centering),
-        train_batches=reward.pair_batches(
-            train_rows, sharding.batch_size_per_process(config.train.batch_size, mesh),
-            seed=config.seed, process_index=jax.process_index(),
-            process_count=jax.process_count()),
+        train_batches=shards.ShardedBatches(
+            lambda shard, num_shards, rows: reward.pair_batches(
+                train_rows, rows, seed=config.seed, shard_index=shard, num_shards=num_shards),
+            config.data.num_shards, config.train.batch_size, mesh),
         evaluate=lambda params, step: evaluate_pairs(params)[0] if evaluate_pairs else {},
         flops_per_token=model.config.flops_per_token(seq_len),
         tokens_per_row=2 * seq_len)

@@ -18,6 +18,7 @@ from jaxlm import post_training
 from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import post_training as data_lib
+from jaxlm.data import shards
 
 
 def conversation_rows(tokenizer, examples, seq_len, what):
@@ -58,10 +59,11 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
         init_params=lm.init_params_fn(model, seq_len),
         load_params=lm.params_loader(config.init_workdir),
         loss_fn=trainer.language_model_loss(model, config.train.z_loss),
-        train_batches=data_lib.packed_conversation_batches(
-            train_rows, seq_len, sharding.batch_size_per_process(config.train.batch_size, mesh),
-            seed=config.seed, process_index=jax.process_index(),
-            process_count=jax.process_count()),
+        train_batches=shards.ShardedBatches(
+            lambda shard, num_shards, rows: data_lib.packed_conversation_batches(
+                train_rows, seq_len, rows, seed=config.seed, shard_index=shard,
+                num_shards=num_shards),
+            config.data.num_shards, config.train.batch_size, mesh),
         evaluate=lambda params, step: {**evaluate_loss(params),
                                        **evaluate_answers(params, step)},
         flops_per_token=model.config.flops_per_token(seq_len),

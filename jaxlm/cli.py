@@ -1,11 +1,27 @@
-"""The command line every training binary shares: `--config` (with `--config.a.b=v` overrides)
-and `--workdir`."""
+"""The command line every binary shares: `--config` (with `--config.a.b=v` overrides),
+`--workdir`, and the multi-process flags."""
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from jaxlm import distributed
 from jaxlm import metrics
+
+
+def define_distributed_flags():
+  """Defines the multi-process flags; returns a function that starts `jax.distributed` from
+  them (call it first in `main`)."""
+  coordinator = flags.DEFINE_string(
+      'coordinator_address', '', 'host:port of process 0, for a multi-process run on a cluster '
+      'JAX does not detect by itself; with --num_processes and --process_id.')
+  num_processes = flags.DEFINE_integer('num_processes', 0, 'Processes in the run.')
+  process_id = flags.DEFINE_integer('process_id', -1, 'This process, from 0.')
+  multiprocess = flags.DEFINE_bool(
+      'multiprocess', False, 'Start jax.distributed with what JAX detects (Cloud TPU pod '
+      'slices, SLURM, Open MPI); SLURM, Open MPI and multi-worker TPU are also seen unasked.')
+  return lambda: distributed.initialize(coordinator.value, num_processes.value, process_id.value,
+                                        multiprocess.value)
 
 
 def run(train_and_evaluate, default_config: str) -> None:
@@ -17,9 +33,11 @@ def run(train_and_evaluate, default_config: str) -> None:
   config = config_flags.DEFINE_config_file('config', default_config, 'Path to a config file.')
   workdir = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here.',
                                 required=True)
+  initialize_distributed = define_distributed_flags()
 
   def main(argv):
     del argv
+    initialize_distributed()
     metrics.configure_logging()
     train_and_evaluate(config.value, workdir.value)
 

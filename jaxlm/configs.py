@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import ml_collections
 
 from jaxlm import model as model_lib
@@ -77,6 +78,8 @@ def _validate_model(config) -> None:
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index():
+    return
   with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
     f.write(config.to_json_best_effort(indent=2))
 

@@ -11,6 +11,7 @@ import numpy as np
 from jaxlm import chat
 from jaxlm import checkpoint
 from jaxlm import configs
+from jaxlm import distributed
 from jaxlm import losses
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
@@ -25,12 +26,15 @@ def tokenizer_for(config, workdir: str, train_documents) -> tokenizer_lib.Tokeni
   if config.tokenizer.path:
     return tokenizer_lib.Tokenizer.load(config.tokenizer.path)
   path = os.path.join(workdir, 'tokenizer.model')
-  if os.path.exists(path):
-    return tokenizer_lib.Tokenizer.load(path)
-  count = min(config.tokenizer.train_docs, len(train_documents))
-  texts = (train_documents[i] for i in range(count))
-  return tokenizer_lib.Tokenizer.train(texts, path, config.tokenizer.vocab_size,
-                                       config.tokenizer.type)
+
+  def load_or_train():
+    if os.path.exists(path):
+      return tokenizer_lib.Tokenizer.load(path)
+    count = min(config.tokenizer.train_docs, len(train_documents))
+    texts = (train_documents[i] for i in range(count))
+    return tokenizer_lib.Tokenizer.train(texts, path, config.tokenizer.vocab_size,
+                                         config.tokenizer.type)
+  return distributed.main_process_first(load_or_train, 'tokenizer')
 
 
 def model_config(config, tokenizer) -> model_lib.ModelConfig:

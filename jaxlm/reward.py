@@ -53,8 +53,8 @@ def pair_rows(tokenizer, pairs: list[dict], seq_len: int, what: str) -> list[dic
 
 
 def pair_batches(rows: list[dict], batch_size: int, seed: int, shuffle: bool = True,
-                 repeat: bool = True, process_index: int = 0, process_count: int = 1):
-  ds = grain.MapDataset.source(rows)[process_index::process_count]
+                 repeat: bool = True, shard_index: int = 0, num_shards: int = 1):
+  ds = grain.MapDataset.source(rows)[shard_index::num_shards]
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if repeat:

@@ -10,6 +10,7 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -52,7 +53,12 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over all devices, or the first `mesh_config.num_devices`."""
+  """A (data, fsdp, tensor) mesh over all devices, or the first `mesh_config.num_devices`.
+
+  With `dcn_*` sizes above 1 the mesh spans several slices (multi-slice TPU) or hosts (GPU nodes):
+  each axis is its `dcn_*` size (over the slow data-centre network) times its in-slice size, and
+  only the axes given a `dcn_*` size cross it, usually data.
+  """
   if devices is None:
     devices = jax.devices()
     if mesh_config.get('num_devices', 0):
@@ -60,11 +66,21 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
         raise ValueError(f'config.mesh.num_devices={mesh_config.num_devices} needs a single '
                          f'process with at least that many devices; have {len(devices)}')
       devices = devices[:mesh_config.num_devices]
+  dcn = tuple(int(mesh_config.get(f'dcn_{axis}', 1)) for axis in MESH_AXES)
+  if any(size < 1 for size in dcn) or len(devices) % math.prod(dcn):
+    raise ValueError(f'config.mesh: dcn sizes {dict(zip(MESH_AXES, dcn))} must be positive and '
+                     f'divide the {len(devices)} devices')
   # Auto axes: partitioning is propagated by the compiler from our annotations (Explicit mode
   # would reject contractions over sharded dimensions).
-  shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if math.prod(dcn) == 1:
+    return jax.make_mesh(mesh_shape(mesh_config, len(devices)), MESH_AXES, devices=devices,
+                         axis_types=axis_types)
+  ici = mesh_shape(mesh_config, len(devices) // math.prod(dcn))
+  # TPU devices know their slice; elsewhere each process (host) is one granule.
+  grid = mesh_utils.create_hybrid_device_mesh(
+      ici, dcn, devices, process_is_granule=devices[0].platform != 'tpu')
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_shardings(boxed_tree, mesh: Mesh):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import distributed
 from jaxlm import losses
 from jaxlm import metrics as metrics_lib
 from jaxlm import perf
@@ -232,9 +233,11 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
           last_time = time.time()  # evaluation is not training throughput
         writer.write(step, scalars)
         metrics_lib.log(progress.line(step, scalars))
-      if step % config.checkpoint.every == 0 or step == tc.steps or preemption.requested:
+      # Every host stops at the same step, whichever of them got the signal.
+      preempted = distributed.any_process(preemption.requested)
+      if step % config.checkpoint.every == 0 or step == tc.steps or preempted:
         checkpointer.save(step, state, data_iterator.get_state())
-      if preemption.requested:
+      if preempted:
         checkpointer.wait()
         metrics_lib.log(f'SIGTERM: saved the checkpoint at step {step}; exiting.')
         break

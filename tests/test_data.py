@@ -51,10 +51,10 @@ def _read_all(source):
 def test_local_text_splits_hold_every_document_exactly_once(tmp_path, split_by):
   by_file, by_line = _write_text_files(tmp_path / 'text')
   expected = by_file if split_by == 'file' else by_line
-  builder = tfds_builders.local_text_builder(str(tmp_path / 'text' / '*.txt'), split_by, 0.3,
-                                             str(tmp_path / 'tfds'))
-  train = _read_all(tfds_builders.prepared_source(builder, 'train'))
-  validation = _read_all(tfds_builders.prepared_source(builder, 'validation'))
+  builder = tfds_builders.prepared(lambda: tfds_builders.local_text_builder(
+      str(tmp_path / 'text' / '*.txt'), split_by, 0.3, str(tmp_path / 'tfds')))
+  train = _read_all(builder.as_data_source(split='train'))
+  validation = _read_all(builder.as_data_source(split='validation'))
   assert collections.Counter(train) + collections.Counter(validation) == collections.Counter(
       expected)
   # Documents go to validation by a hash of the (random) tmp path, so the share is binomial:
@@ -71,9 +71,9 @@ def test_adding_files_keeps_every_document_in_its_split(tmp_path):
     if round_:
       for i in range(40, 60):
         (tmp_path / 'text' / f'{i:02d}.txt').write_text(f'new file {i}\nsecond line {i}\n')
-    builder = tfds_builders.local_text_builder(str(tmp_path / 'text' / '*.txt'), 'line', 0.3,
-                                               str(tmp_path / f'tfds{round_}'))
-    splits.append({split: set(_read_all(tfds_builders.prepared_source(builder, split)))
+    builder = tfds_builders.prepared(lambda: tfds_builders.local_text_builder(
+        str(tmp_path / 'text' / '*.txt'), 'line', 0.3, str(tmp_path / f'tfds{round_}')))
+    splits.append({split: set(_read_all(builder.as_data_source(split=split)))
                    for split in ('train', 'validation')})
   assert splits[0]['train'] < splits[1]['train']
   assert splits[0]['validation'] < splits[1]['validation']
@@ -91,10 +91,10 @@ def test_edited_files_are_prepared_anew_in_the_same_data_dir(tmp_path):
   _write_text_files(tmp_path / 'text')
 
   def all_documents():
-    builder = tfds_builders.local_text_builder(str(tmp_path / 'text' / '*.txt'), 'file', 0.5,
-                                               str(tmp_path / 'tfds'))
+    builder = tfds_builders.prepared(lambda: tfds_builders.local_text_builder(
+        str(tmp_path / 'text' / '*.txt'), 'file', 0.5, str(tmp_path / 'tfds')))
     return {doc for split in ('train', 'validation')
-            for doc in _read_all(tfds_builders.prepared_source(builder, split))}
+            for doc in _read_all(builder.as_data_source(split=split))}
 
   before = all_documents()
   (tmp_path / 'text' / 'new.txt').write_text('a document added later')
@@ -103,10 +103,9 @@ def test_edited_files_are_prepared_anew_in_the_same_data_dir(tmp_path):
 
 def test_an_empty_split_is_an_error_naming_the_fraction(tmp_path):
   (tmp_path / 'a.txt').write_text('the only document')
-  builder = tfds_builders.local_text_builder(str(tmp_path / '*.txt'), 'file', 0.0,
-                                             str(tmp_path / 'tfds'))
   with pytest.raises(ValueError, match='validation_fraction'):
-    tfds_builders.prepared_source(builder, 'train')
+    tfds_builders.prepared(lambda: tfds_builders.local_text_builder(
+        str(tmp_path / '*.txt'), 'file', 0.0, str(tmp_path / 'tfds')))
 
 
 def test_a_glob_matching_nothing_raises_naming_the_glob(tmp_path):
@@ -123,10 +122,11 @@ def test_an_unknown_split_by_raises_naming_the_field(tmp_path):
 
 
 def test_synthetic_world_builder_writes_the_world_documents(tmp_path):
-  builder = tfds_builders.synthetic_world_builder(3, 40, 10, str(tmp_path))
+  builder = tfds_builders.prepared(
+      lambda: tfds_builders.synthetic_world_builder(3, 40, 10, str(tmp_path)))
   world = world_lib.World(world_lib.WorldConfig(seed=3))
   for split, n in (('train', 40), ('validation', 10)):
-    got = _read_all(tfds_builders.prepared_source(builder, split))
+    got = _read_all(builder.as_data_source(split=split))
     # TFDS shuffles records by key when writing: compare as multisets.
     assert sorted(got) == sorted(world.documents(split, n)), split
 
@@ -191,14 +191,14 @@ def test_packed_rows_unpack_to_the_tokenized_documents_in_order(tokenizer, docs)
   assert _key(want[0]) == (tuple(ids[:-1]), tuple(ids[1:]))
 
 
-def test_each_process_reads_its_own_documents_and_together_all(tokenizer, docs):
+def test_each_shard_reads_its_own_documents_and_together_all(tokenizer, docs):
   got = []
-  for process_index in range(2):
+  for shard in range(2):
     ds = pipeline.packed_batches(grain.MapDataset.source(docs), tokenizer, SEQ_LEN, BATCH,
-                                 seed=0, shuffle=True, repeat=False, process_index=process_index,
-                                 process_count=2)
+                                 seed=0, shuffle=True, repeat=False, shard_index=shard,
+                                 num_shards=2)
     got.append(collections.Counter(_key(d) for d in _unpack(ds, tokenizer)[0]))
-    want = _tokenized(tokenizer, docs[process_index::2])
+    want = _tokenized(tokenizer, docs[shard::2])
     assert got[-1] == collections.Counter(_key(d) for d in want)
   assert not set(got[0]) & set(got[1])
   assert got[0] + got[1] == collections.Counter(_key(d) for d in _tokenized(tokenizer, docs))

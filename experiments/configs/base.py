@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source='world',  # world | text | tfds
       seq_len=256,
+      # Disjoint parts of the training data, split between the processes; 0: one per process.
+      # Fix it to resume on another number of hosts with the same batches.
+      num_shards=0,
       data_dir='',  # where TFDS builders write; empty: <workdir>/tfds
       # The built-in synthetic world.
       world_seed=0, num_train_docs=50_000, num_validation_docs=1_000,
@@ -49,6 +52,16 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
-  # -1: all remaining devices. num_devices 0 uses every device; N uses the first N (one process).
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
+  c.mesh = mesh_config()
   return c
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """The device mesh of every stage.
+
+  Sizes within a slice (or host); -1: all remaining devices. dcn_*: how many slices (or hosts)
+  each axis spans over the data-centre network, for multi-slice runs. num_devices 0 uses every
+  device; N uses the first N (one process).
+  """
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                        dcn_data=1, dcn_fsdp=1, dcn_tensor=1, num_devices=0))

@@ -5,6 +5,8 @@ The model and tokenizer come from that workdir; the loss counts assistant tokens
 
 import ml_collections
 
+from experiments.configs import base
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -17,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source='world',  # world | jsonl | tfds
       seq_len=128,
+      # Disjoint parts of the training data, split between the processes; 0: one per process.
+      # Fix it to resume on another number of hosts with the same batches.
+      num_shards=0,
       # The built-in world (its seed comes from the pretraining config).
       num_train=20_000, num_eval=256,
       # JSONL: {"messages": [...]} or {"prompt": ..., "response": ...} per line.
@@ -40,5 +45,5 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2, async_save=True))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
+  c.mesh = base.mesh_config()
   return c

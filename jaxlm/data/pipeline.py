@@ -2,8 +2,8 @@
 
 A row is a dict of int32 [batch, seq_len] arrays: `inputs`, `targets`, `segment_ids` (1, 2, ...
 per document; 0 is padding), `positions` (restarting at 0 per document) and float32 `weights`
-(1 where the target counts). Each process reads only its own slice of the documents; the
-iterator's position is a small JSON-able dict that checkpoints store and restore exactly.
+(1 where the target counts). A data shard (`jaxlm.data.shards`) reads every `num_shards`-th
+document; the iterator's position is a small JSON-able dict that checkpoints store and restore exactly.
 """
 
 import os
@@ -21,14 +21,14 @@ SOURCES = ('world', 'text', 'tfds')
 def text_sources(data_config, data_dir: str):
   """(train, validation) random-access sources of document strings."""
   if data_config.source == 'world':
-    builder = tfds_builders.synthetic_world_builder(
+    builder = tfds_builders.prepared(lambda: tfds_builders.synthetic_world_builder(
         data_config.world_seed, data_config.num_train_docs, data_config.num_validation_docs,
-        data_dir)
-    train, validation = (tfds_builders.prepared_source(builder, s) for s in ('train', 'validation'))
+        data_dir))
+    train, validation = (builder.as_data_source(split=s) for s in ('train', 'validation'))
   elif data_config.source == 'text':
-    builder = tfds_builders.local_text_builder(
-        data_config.text_glob, data_config.split_by, data_config.validation_fraction, data_dir)
-    train, validation = (tfds_builders.prepared_source(builder, s) for s in ('train', 'validation'))
+    builder = tfds_builders.prepared(lambda: tfds_builders.local_text_builder(
+        data_config.text_glob, data_config.split_by, data_config.validation_fraction, data_dir))
+    train, validation = (builder.as_data_source(split=s) for s in ('train', 'validation'))
   elif data_config.source == 'tfds':
     train, validation = _catalog_sources(data_config)
   else:
@@ -81,9 +81,9 @@ def _finish_row(row):
 
 def packed_batches(documents: grain.MapDataset, tokenizer, seq_len: int, batch_size: int,
                    seed: int, shuffle: bool = True, repeat: bool = True,
-                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Batches of packed rows; `batch_size` is this process's share of the global batch."""
-  ds = documents[process_index::process_count]
+                   shard_index: int = 0, num_shards: int = 1) -> grain.IterDataset:
+  """Batches of packed rows from shard `shard_index` of the documents."""
+  ds = documents[shard_index::num_shards]
   if shuffle:
     ds = ds.shuffle(seed=seed)  # reshuffled every epoch
   if repeat:

@@ -190,9 +190,9 @@ def _finish_packed(row):
 
 def packed_conversation_batches(rows: list[dict], seq_len: int, batch_size: int, seed: int,
                                 shuffle: bool = True, repeat: bool = True,
-                                process_index: int = 0, process_count: int = 1):
+                                shard_index: int = 0, num_shards: int = 1):
   """Whole conversations packed several to a row (first fit), padding the rest."""
-  ds = grain.MapDataset.source(rows)[process_index::process_count]
+  ds = grain.MapDataset.source(rows)[shard_index::num_shards]
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if repeat:

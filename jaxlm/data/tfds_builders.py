@@ -14,6 +14,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxlm import distributed
+
 from jaxlm.data import world as world_lib
 
 VERSION = tfds.core.Version('1.0.0')
@@ -118,14 +120,21 @@ def synthetic_world_builder(world_seed: int, num_train_docs: int, num_validation
   return SyntheticWorld(config=config, data_dir=data_dir, file_format='array_record')
 
 
-def prepared_source(builder, split: str):
-  """Prepares the builder once (a no-op when already on disk) and returns a random-access source."""
-  try:
-    builder.download_and_prepare()
-  except AssertionError as e:  # tfds asserts that every split has examples
-    raise ValueError(f'{builder.name}: a split came out empty; with few documents raise or '
-                     f'lower config.data.validation_fraction ({e})') from e
-  return builder.as_data_source(split=split)
+def prepared(make_builder):
+  """A builder whose dataset is on disk, ready for `as_data_source(split)`.
+
+  Process 0 makes and prepares it first (a no-op when already prepared); the other processes
+  then open what it wrote, or prepare their own copy when `data_dir` is not shared.
+  """
+  def prepare():
+    builder = make_builder()
+    try:
+      builder.download_and_prepare()
+    except AssertionError as e:  # tfds asserts that every split has examples
+      raise ValueError(f'{builder.name}: a split came out empty; with few documents raise or '
+                       f'lower config.data.validation_fraction ({e})') from e
+    return builder
+  return distributed.main_process_first(prepare, 'tfds_prepare')
 
 
 def decode_text(record) -> str:
