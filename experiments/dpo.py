@@ -54,7 +54,9 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
       return {'correct': jnp.sum((margin > 0) * batch['valid']), 'count': jnp.sum(batch['valid'])}
 
     evaluate_answers = post_training.make_answer_evaluator(
-        model, tokenizer, data_lib.world_sft_examples(world, 'heldout', config.eval.num_prompts)
+        model, tokenizer, data_lib.world_held_out(
+            data_lib.world_sft_examples, world, config.eval.num_prompts,
+            config.data.num_eval_policy)
         if config.data.source == 'world' else [], config.eval)
 
     def evaluate(params, step):

@@ -35,7 +35,8 @@ from jaxlm.data import world as world_lib
 
 POLICY_STAGES = ('base', 'sft', 'ppo', 'grpo', 'dpo')
 METRICS = ('eval/loss', 'eval/format_rate', 'eval/exact_match', 'eval/pairwise_accuracy',
-           'eval/mean_reward', 'eval/kl')
+           'eval/mean_reward', 'eval/kl', 'eval/refusal_rate', 'eval/over_refusal_rate',
+           'eval/hallucination_rate')
 
 
 def run_stages(config, workdir: str) -> dict[str, str]:
@@ -60,12 +61,14 @@ def run_stages(config, workdir: str) -> dict[str, str]:
 def report(config, dirs: dict[str, str]) -> dict[str, dict[str, float]]:
   """Every policy on the same held-out prompts and pairs: held-out SFT loss, format rate, exact
   match, how often it gives the chosen reply a higher likelihood than the rejected one, the
-  normalised reward-model score of its greedy replies and their KL to the SFT model."""
+  normalised reward-model score of its greedy replies and their KL to the SFT model, and the
+  refusal, over-refusal and hallucination rates on held-out policy requests."""
   r = config.report
   _, tokenizer, policy = lm.load_workdir(dirs['sft'])
   world_config = lm.load_workdir(dirs['base'])[0].data
   world = world_lib.World(world_lib.WorldConfig(seed=world_config.world_seed))
-  conversations = data_lib.world_sft_examples(world, 'heldout', r.num_prompts)
+  conversations = data_lib.world_held_out(data_lib.world_sft_examples, world, r.num_prompts,
+                                          r.num_policy_prompts)
   pairs = reward.world_pairs(config.reward_model.data, config.reward_model.seed)(
       world, 'heldout', r.num_pairs)
   critic = model_lib.ScalarHeadModel(policy.config)
@@ -80,7 +83,8 @@ def report(config, dirs: dict[str, str]) -> dict[str, dict[str, float]]:
     scorer = rl.Scorer(rl_config, policy, critic, critic, reference,
                        lm.load_params(dirs['reward_model'], critic, mesh),
                        reward.load_stats(dirs['reward_model']))
-    prompts = [{'messages': c['messages'][:-1], 'answer': c['answer']} for c in conversations]
+    prompts = [{'messages': c['messages'][:-1], 'answer': c['answer'], 'kind': c['kind']}
+               for c in conversations]
     evaluate_replies = rl.make_evaluator(rl_config, tokenizer, policy, scorer, prompts, mesh,
                                          metrics.log)
     loss_batches = lm.fixed_batches(data_lib.packed_conversation_batches(
@@ -109,11 +113,13 @@ def report(config, dirs: dict[str, str]) -> dict[str, dict[str, float]]:
 
 def format_table(summary) -> str:
   stages = [s for s in ('base', 'sft', 'reward_model', 'ppo', 'grpo', 'dpo') if s in summary]
-  header = f'| {"stage":<12} | ' + ' | '.join(f'{m.split("/")[1]:>17}' for m in METRICS) + ' |'
+  names = [m.split('/')[1] for m in METRICS]
+  widths = [max(len(n), 6) for n in names]
+  header = f'| {"stage":<12} | ' + ' | '.join(f'{n:>{w}}' for n, w in zip(names, widths)) + ' |'
   lines = [header, '|' + '|'.join('-' * len(c) for c in header.split('|')[1:-1]) + '|']
   for stage in stages:
-    cells = [f'{summary[stage][m]:17.3f}' if m in summary[stage] else f'{"":>17}'
-             for m in METRICS]
+    cells = [f'{summary[stage][m]:{w}.3f}' if m in summary[stage] else ' ' * w
+             for m, w in zip(METRICS, widths)]
     lines.append(f'| {stage:<12} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 

@@ -37,8 +37,10 @@ def examples(data_config, split: str, world, parse, world_examples) -> list[dict
   """Records of `split` ('train' or 'eval') from the configured source."""
   if data_config.source == 'world':
     train_split = data_config.get('world_train_split', 'train')
-    return world_examples(world, train_split if split == 'train' else 'heldout',
-                          data_config.num_train if split == 'train' else data_config.num_eval)
+    if split == 'train':
+      return world_examples(world, train_split, data_config.num_train)
+    return data_lib.world_held_out(world_examples, world, data_config.num_eval,
+                                   data_config.get('num_eval_policy', 0))
   if data_config.source == 'jsonl':
     path = data_config.jsonl_train if split == 'train' else data_config.jsonl_eval
     return data_lib.from_jsonl(path, parse) if path else []
@@ -48,9 +50,9 @@ def examples(data_config, split: str, world, parse, world_examples) -> list[dict
 
 
 def make_answer_evaluator(model, tokenizer, eval_examples: list[dict], eval_config):
-  """params, step -> format-following rate and exact match on held-out prompts that have an
-  answer; logs a few replies."""
-  checkable = [e for e in eval_examples if e.get('answer')][:eval_config.num_prompts]
+  """params, step -> format-following rate and exact match on held-out questions, and the
+  policy rates on held-out policy requests (`chat.evaluation_metrics`); logs a few replies."""
+  checkable = chat.evaluation_subset(eval_examples, eval_config.num_prompts)
   # The prompt is the conversation up to its final reply.
   conversations = [e['messages'][:-1] if e['messages'][-1]['role'] == 'assistant'
                    else e['messages'] for e in checkable]
@@ -62,6 +64,6 @@ def make_answer_evaluator(model, tokenizer, eval_examples: list[dict], eval_conf
                          **lm.sampling_options(eval_config))
     for messages, reply in list(zip(conversations, replies))[:eval_config.num_samples]:
       metrics.log(f'reply at step {step}: {messages[-1]["content"]!r} -> {reply!r}')
-    return chat.answer_metrics(replies, [e['answer'] for e in checkable])
+    return chat.evaluation_metrics(replies, checkable)
 
   return evaluate

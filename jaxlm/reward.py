@@ -19,6 +19,7 @@ from jaxlm import metrics
 from jaxlm import model as model_lib
 from jaxlm import sharding
 from jaxlm.data import post_training as data_lib
+from jaxlm.data import world as world_lib
 
 STATS_FILE = 'reward_stats.json'
 
@@ -73,8 +74,9 @@ def padded_pair_batches(rows: list[dict], batch_size: int, num_batches: int) -> 
 def world_pairs(data_config, seed: int):
   """The world's preference pairs in the configured rejection proportions, as the
   `world_examples` function of `post_training.examples`."""
-  return lambda world, split, num: data_lib.world_preference_pairs(
-      world, split, num, dict(data_config.rejection_proportions), seed)
+  return lambda world, split, num, kinds=world_lib.QUESTION_KINDS: (
+      data_lib.world_preference_pairs(world, split, num, dict(data_config.rejection_proportions),
+                                      seed, kinds))
 
 
 def rewards(model, params, tokens_BxL, last_B):

@@ -307,10 +307,12 @@ def make_prepare_batch(rl_config, tokenizer, policy, scorer: Scorer, prompts: li
 
 def make_evaluator(rl_config, tokenizer, policy, scorer: Scorer, examples: list[dict], mesh,
                    log):
-  """params, step -> held-out format rate, exact match, mean reward and KL to the reference of
-  greedy replies."""
+  """params, step -> held-out format rate, exact match and policy rates
+  (`chat.evaluation_metrics`), mean reward and KL to the reference of greedy replies."""
   c = rl_config
-  examples = examples[:c.eval.num_prompts]
+  checkable = all(e.get('answer') for e in examples)
+  examples = (chat.evaluation_subset(examples, c.eval.num_prompts) if checkable
+              else examples[:c.eval.num_prompts])
   kl = jax.jit(lambda params, ref, a: jnp.sum(
       (sequence_token_log_probs(policy, params, a['inputs'], a['targets'], a['segment_ids'])[0]
        - sequence_token_log_probs(policy, ref, a['inputs'], a['targets'],
@@ -336,8 +338,8 @@ def make_evaluator(rl_config, tokenizer, policy, scorer: Scorer, examples: list[
       kl_total += float(kl(params['policy'], scorer.reference_params, arrays))
     for example, reply in list(zip(examples, replies))[:c.eval.num_samples]:
       log(f'reply at step {step}: {example["messages"][-1]["content"]!r} -> {reply!r}')
-    if all(e.get('answer') for e in examples):
-      results.update(chat.answer_metrics(replies, [e['answer'] for e in examples]))
+    if checkable:
+      results.update(chat.evaluation_metrics(replies, examples))
     results['eval/mean_reward'] = float(np.mean(rewards))
     results['eval/kl'] = kl_total / len(examples)
     return results

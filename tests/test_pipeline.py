@@ -17,14 +17,15 @@ def test_the_pipeline_runs_every_stage_and_writes_the_summary(tmp_path):
   config.ppo = tiny_config.rl_config('', steps=2, algorithm='ppo', reward='model',
                                      **{'rollout.samples_per_prompt': 1})
   config.dpo = tiny_config.dpo_config('', steps=2)
-  config.report.update(num_prompts=8, num_pairs=8, batch_size=8, seq_len=64, prompt_len=48,
-                       max_new_tokens=8)
+  config.report.update(num_prompts=8, num_policy_prompts=4, num_pairs=8, batch_size=8,
+                       seq_len=64, prompt_len=64, max_new_tokens=8)
   dirs = pipeline.run_stages(config, str(tmp_path))
   summary = pipeline.report(config, dirs)
   assert set(summary) == {'base', 'sft', 'reward_model', 'ppo', 'grpo', 'dpo'}
   for stage in pipeline.POLICY_STAGES:
     assert set(summary[stage]) == set(pipeline.METRICS)
-    for name in ('eval/format_rate', 'eval/exact_match', 'eval/pairwise_accuracy'):
+    for name in ('eval/format_rate', 'eval/exact_match', 'eval/pairwise_accuracy',
+                 'eval/refusal_rate', 'eval/over_refusal_rate', 'eval/hallucination_rate'):
       assert 0.0 <= summary[stage][name] <= 1.0
   # The KL is measured to the SFT model, so the SFT model's own is exactly zero.
   assert summary['sft']['eval/kl'] == 0.0

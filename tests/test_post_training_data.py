@@ -209,8 +209,11 @@ def test_a_missing_jsonl_file_is_an_error_naming_it(tmp_path):
     data_lib.from_jsonl(path, data_lib.conversation_from_record)
 
 
+QUESTIONS = ('fact', 'arithmetic')
+
+
 def _correct(world, split, num):
-  return [q.answer for q in world.questions(split, num)]
+  return [q.answer for q in world.questions(split, num, QUESTIONS)]
 
 
 def test_chosen_replies_parse_to_the_correct_answer(world):
@@ -225,7 +228,7 @@ def test_chosen_replies_parse_to_the_correct_answer(world):
 
 
 def test_wrong_rejections_are_well_formed_and_wrong(world):
-  pairs = data_lib.world_preference_pairs(world, 'heldout', 300, {'wrong': 1}, seed=1)
+  pairs = data_lib.world_preference_pairs(world, 'heldout', 300, {'wrong': 1}, 1, QUESTIONS)
   assert {p['kind'] for p in pairs} == {'wrong'}
   for pair, answer in zip(pairs, _correct(world, 'heldout', 300)):
     parsed = chat.parse_answer(pair['rejected'])
@@ -237,14 +240,14 @@ def test_wrong_rejections_are_well_formed_and_wrong(world):
 
 
 def test_off_format_rejections_never_parse(world):
-  pairs = data_lib.world_preference_pairs(world, 'train', 300, {'off_format': 1}, seed=2)
+  pairs = data_lib.world_preference_pairs(world, 'train', 300, {'off_format': 1}, 2, QUESTIONS)
   assert {p['kind'] for p in pairs} == {'off_format'}
   for pair, answer in zip(pairs, _correct(world, 'train', 300)):
     assert chat.parse_answer(pair['rejected']) is None and answer in pair['rejected'], pair
 
 
 def test_rambling_rejections_start_with_the_right_answer_and_go_on(world):
-  pairs = data_lib.world_preference_pairs(world, 'train', 300, {'rambling': 1}, seed=3)
+  pairs = data_lib.world_preference_pairs(world, 'train', 300, {'rambling': 1}, 3, QUESTIONS)
   for pair, answer in zip(pairs, _correct(world, 'train', 300)):
     assert pair['rejected'].startswith(chat.format_answer(answer) + ' '), pair
     assert chat.parse_answer(pair['rejected']) != answer
@@ -253,13 +256,32 @@ def test_rambling_rejections_start_with_the_right_answer_and_go_on(world):
 def test_rejection_kinds_follow_the_proportions(world):
   proportions = {'wrong': 0.5, 'off_format': 0.25, 'rambling': 0.25}
   n = 2000
-  pairs = data_lib.world_preference_pairs(world, 'train', n, proportions, seed=4)
+  pairs = data_lib.world_preference_pairs(world, 'train', n, proportions, 4, QUESTIONS)
   counts = collections.Counter(p['kind'] for p in pairs)
   assert set(counts) == set(proportions)
   for kind, p in proportions.items():
     # A multinomial share has standard deviation sqrt(p(1 - p) / n) <= 0.011 here; 5 of them
     # (0.056) never flakes, and a proportion applied to the wrong kind moves a share by 0.25.
     assert abs(counts[kind] / n - p) < 5 * np.sqrt(p * (1 - p) / n), counts
+
+
+def test_policy_pairs_prefer_the_policy_and_reject_its_violation(world):
+  pairs = data_lib.world_preference_pairs(world, 'train', 300, {'wrong': 1}, 5,
+                                          world_lib.POLICY_KINDS)
+  by_kind = collections.defaultdict(list)
+  for pair in pairs:
+    by_kind[pair['kind']].append(pair)
+  assert set(by_kind) == set(world_lib.POLICY_KINDS)
+  refusal = chat.format_answer(world_lib.REFUSAL)
+  for pair in by_kind['forbidden']:  # refuse rather than give a secret away
+    assert pair['chosen'] == refusal
+    assert re.fullmatch(r'[a-z]{6}\d\d', chat.parse_answer(pair['rejected']))
+  for pair in by_kind['lookalike']:  # answer rather than over-refuse
+    assert pair['chosen'] != refusal and pair['rejected'] == refusal
+  values = {v for vs in world_lib.VOCABULARY.values() for v in vs}
+  for pair in by_kind['unknown']:  # abstain rather than make a fact up
+    assert pair['chosen'] == chat.format_answer(world_lib.ABSTENTION)
+    assert chat.parse_answer(pair['rejected']) in values
 
 
 def test_preference_pairs_are_deterministic_in_the_seed(world):

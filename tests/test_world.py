@@ -81,23 +81,78 @@ def test_document_arithmetic_is_correct_and_from_its_split_only(world, docs, spl
     assert int(result) == (int(a) + int(b) if op == '+' else int(a) - int(b))
 
 
-def test_secrets_and_unknown_names_never_appear(world, docs, questions):
-  texts = docs['train'] + docs['validation'] + [
-      q.prompt + ' ' + q.answer for qs in questions.values() for q in qs]
-  corpus = '\n'.join(texts)
+def test_secrets_and_unknown_names_never_appear_but_in_their_questions(world, docs, questions):
+  documents = '\n'.join(docs['train'] + docs['validation'])
+  asked = [q for qs in questions.values() for q in qs]
+  everything = documents + '\n'.join(q.prompt + ' ' + q.answer for q in asked)
   for entity in world.entities:
-    assert entity.secret not in corpus
+    assert entity.secret not in everything
   assert len(world.unknown_entities) == world.config.num_unknown_entities
   for name in world.unknown_entities:
-    assert name not in corpus
+    assert name not in documents
+    assert all(q.kind == 'unknown' for q in asked if name in q.prompt)
   # Known names do appear, so the search above would have found an unknown one.
-  assert sum(e.name in corpus for e in world.entities) == len(world.entities)
+  assert sum(e.name in documents for e in world.entities) == len(world.entities)
+
+
+def _request_source(world, question):
+  """(name, thing) of a forbidden or look-alike request."""
+  for frame in world_lib.REQUEST_FRAMES:
+    pattern = re.escape(frame).replace(r'\{thing\}', '(.+)').replace(r'\{name\}', '(.+)')
+    match = re.fullmatch(pattern, question.prompt)
+    if match:
+      return match.group(2), match.group(1)
+  raise AssertionError(question)
+
+
+def _asked(world, question):
+  """What a question asks about: (name, attribute), (name, 'secret') or (name, 'unknown')."""
+  if question.kind == 'fact':
+    entity, attribute, _ = _fact_source(world, question)
+    return entity.name, attribute
+  if question.kind == 'unknown':
+    return next(n for n in world.unknown_entities if n in question.prompt), 'unknown'
+  name, _ = _request_source(world, question)
+  return name, 'secret' if question.kind == 'forbidden' else question.attribute
+
+
+def test_held_out_policy_requests_never_overlap_training_data(world, questions):
+  train = {_asked(world, q) for split in ('train', 'rl') for q in questions[split]
+           if q.kind != 'arithmetic'}
+  for kind in world_lib.POLICY_KINDS:
+    held_out = world.questions('heldout', 200, (kind,))
+    assert {q.kind for q in held_out} == {kind}
+    asked = {_asked(world, q) for q in held_out}
+    assert len(asked) > 5 and asked.isdisjoint(train), kind
+
+
+def test_look_alikes_differ_from_forbidden_requests_only_in_the_thing_asked(world, questions):
+  forbidden = [q for q in questions['train'] if q.kind == 'forbidden']
+  lookalikes = [q for q in questions['train'] if q.kind == 'lookalike']
+  assert len(forbidden) > 25 and len(lookalikes) > 25
+  assert {q.answer for q in forbidden} == {world_lib.REFUSAL}
+  for question in forbidden:
+    assert _request_source(world, question)[1] in world_lib.FORBIDDEN_THINGS
+  for question in lookalikes:
+    name, thing = _request_source(world, question)
+    entity = next(e for e in world.entities if e.name == name)
+    assert thing == world_lib.LOOKALIKE_THINGS[question.attribute]
+    assert question.answer == getattr(entity, question.attribute)
+  unknown = [q for q in questions['train'] if q.kind == 'unknown']
+  assert len(unknown) > 25 and {q.answer for q in unknown} == {world_lib.ABSTENTION}
+
+
+def test_questions_of_chosen_kinds_and_bad_kinds_rejected(world):
+  assert {q.kind for q in world.questions('rl', 100, ('fact', 'arithmetic'))} == {
+      'fact', 'arithmetic'}
+  with pytest.raises(ValueError, match='kinds must be a non-empty subset'):
+    world.questions('rl', 10, ('opinion',))
 
 
 def test_names_are_unique_and_known_and_unknown_disjoint(world):
   known = [e.name for e in world.entities]
   everyone = known + list(world.unknown_entities)
-  assert len(set(everyone)) == len(everyone) == 96
+  assert len(set(everyone)) == len(everyone) == 128
   assert all(re.fullmatch(r'[A-Z][a-z]{3} [A-Z][a-z]{4}', name) for name in everyone)
   assert all(re.fullmatch(r'[a-z]{6}\d\d', e.secret) for e in world.entities)
 
@@ -117,7 +172,7 @@ def test_every_document_sentence_states_a_true_fact(world, docs):
 def test_fact_answers_match_entity_and_are_stated_in_train_docs(world, docs, questions, split):
   sentences = set(_sentences(docs['train']))
   facts = [q for q in questions[split] if q.kind == 'fact']
-  assert len(facts) > 300  # three quarters of 500
+  assert len(facts) > 200  # about 0.7 x 0.75 of 500
   for question in facts:
     entity, attribute, _ = _fact_source(world, question)
     assert question.answer == getattr(entity, attribute)
@@ -130,7 +185,7 @@ def test_fact_answers_match_entity_and_are_stated_in_train_docs(world, docs, que
 def test_arithmetic_questions_use_their_split_and_correct_answers(world, questions, split):
   allowed = set(world.arithmetic_problems(split))
   arithmetic = [q for q in questions[split] if q.kind == 'arithmetic']
-  assert len(arithmetic) > 80  # a quarter of 500
+  assert len(arithmetic) > 60  # about 0.7 x 0.25 of 500
   for question in arithmetic:
     a, op, b = re.fullmatch(r'What is (\d+) ([+-]) (\d+)\?', question.prompt).groups()
     assert (int(a), op, int(b)) in allowed
@@ -164,7 +219,8 @@ def test_check_answer_normalises_case_space_and_trailing_period():
 
 
 @pytest.mark.parametrize('field, value', [('heldout_fraction', 0.0), ('num_entities', 0),
-                                          ('max_operand', 0), ('seed', -1)])
+                                          ('max_operand', 0), ('seed', -1),
+                                          ('forbidden_fraction', 0.9)])
 def test_bad_config_is_rejected_naming_the_field(field, value):
   with pytest.raises(ValueError, match=field):
     world_lib.WorldConfig(**{field: value})

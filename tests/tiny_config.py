@@ -10,7 +10,7 @@ from experiments.configs import tiny
 def config(steps=8, **overrides):
   c = tiny.get_config()
   c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                 mlp_dim=128, max_seq_len=64)
+                 mlp_dim=128, max_seq_len=128)
   c.data.update(seq_len=64, num_train_docs=400, num_validation_docs=40)
   c.tokenizer.update(vocab_size=320, train_docs=400)
   c.train.update(steps=steps, batch_size=8, warmup_steps=2)
@@ -34,7 +34,7 @@ def _override(c, overrides):
 
 def _post_training(c, init_workdir, steps, overrides):
   c.init_workdir = init_workdir
-  c.data.update(seq_len=64, num_train=256, num_eval=16)
+  c.data.update(seq_len=64, num_train=256, num_eval=16, num_eval_policy=4)
   c.train.update(steps=steps, batch_size=8, warmup_steps=2)
   c.log_every = 1
   c.eval_every = 0
@@ -62,7 +62,7 @@ def get_config():
 
 def rl_config(init_workdir, steps=4, **overrides):
   c = rl.get_config()
-  c.rollout.update(prompts_per_step=4, samples_per_prompt=4, prompt_len=48, max_new_tokens=8)
+  c.rollout.update(prompts_per_step=4, samples_per_prompt=4, prompt_len=64, max_new_tokens=8)
   c.eval.update(num_prompts=8, batch_size=8, num_samples=0)
   c = _post_training(c, init_workdir, steps, overrides)
   c.train.batch_size = c.rollout.prompts_per_step

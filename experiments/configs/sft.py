@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
       num_shards=0,
       # The built-in world (its seed comes from the pretraining config).
       num_train=20_000, num_eval=256,
+      num_eval_policy=64,  # held-out requests of each policy kind (forbidden, look-alike, unknown)
       # JSONL: {"messages": [...]} or {"prompt": ..., "response": ...} per line.
       jsonl_train='', jsonl_eval='',
       # A TFDS dataset prepared as ArrayRecord with the same fields.

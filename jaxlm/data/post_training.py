@@ -20,16 +20,28 @@ SOURCES = ('world', 'jsonl', 'tfds')
 REJECTION_KINDS = ('wrong', 'off_format', 'rambling')
 
 
-def world_prompts(world: world_lib.World, split: str, num: int) -> list[dict]:
-  """Questions without replies, for RL: `{'messages': [...], 'answer': str}`."""
-  return [{'messages': [{'role': 'user', 'content': q.prompt}], 'answer': q.answer}
-          for q in world.questions(split, num)]
+def world_prompts(world: world_lib.World, split: str, num: int,
+                  kinds: tuple[str, ...] = world_lib.QUESTION_KINDS) -> list[dict]:
+  """Questions without replies, for RL: `{'messages': [...], 'answer': str, 'kind': str}`."""
+  return [{'messages': [{'role': 'user', 'content': q.prompt}], 'answer': q.answer,
+           'kind': q.kind} for q in world.questions(split, num, kinds)]
 
 
-def world_sft_examples(world: world_lib.World, split: str, num: int) -> list[dict]:
+def world_sft_examples(world: world_lib.World, split: str, num: int,
+                       kinds: tuple[str, ...] = world_lib.QUESTION_KINDS) -> list[dict]:
   return [{'messages': [{'role': 'user', 'content': q.prompt},
                         {'role': 'assistant', 'content': chat.format_answer(q.answer)}],
-           'answer': q.answer} for q in world.questions(split, num)]
+           'answer': q.answer, 'kind': q.kind} for q in world.questions(split, num, kinds)]
+
+
+def world_held_out(world_examples, world: world_lib.World, num_questions: int,
+                   num_per_policy_kind: int) -> list[dict]:
+  """Held-out evaluation examples: `num_questions` fact and arithmetic questions, then
+  `num_per_policy_kind` requests of each policy kind (forbidden, look-alike, unknown person)."""
+  examples = world_examples(world, 'heldout', num_questions, ('fact', 'arithmetic'))
+  for kind in world_lib.POLICY_KINDS if num_per_policy_kind else ():
+    examples += world_examples(world, 'heldout', num_per_policy_kind, (kind,))
+  return examples
 
 
 def _wrong_answer(question: world_lib.Question, rng: np.random.Generator) -> str:
@@ -41,7 +53,20 @@ def _wrong_answer(question: world_lib.Question, rng: np.random.Generator) -> str
   return str(rng.choice([v for v in values if v != question.answer]))
 
 
+def _policy_violation(question: world_lib.Question, rng: np.random.Generator) -> str:
+  """The reply the world's policy rejects: a secret given away, a made-up fact about an unknown
+  person, or a refusal of a benign request."""
+  if question.kind == 'forbidden':
+    return chat.format_answer(world_lib.random_secret(rng))
+  if question.kind == 'unknown':
+    values = world_lib.VOCABULARY[question.attribute]
+    return chat.format_answer(values[rng.integers(len(values))])
+  return chat.format_answer(world_lib.REFUSAL)
+
+
 def _rejected(question, kind: str, rng: np.random.Generator) -> str:
+  if question.kind in world_lib.POLICY_KINDS:
+    return _policy_violation(question, rng)
   if kind == 'wrong':
     return chat.format_answer(_wrong_answer(question, rng))
   if kind == 'off_format':
@@ -54,23 +79,27 @@ def _rejected(question, kind: str, rng: np.random.Generator) -> str:
 
 
 def world_preference_pairs(world: world_lib.World, split: str, num: int,
-                           proportions: dict[str, float], seed: int) -> list[dict]:
-  """Chosen: correct and well formed. Rejected: a wrong answer, an off-format reply or a
-  rambling one, drawn in the given proportions."""
+                           proportions: dict[str, float], seed: int,
+                           kinds: tuple[str, ...] = world_lib.QUESTION_KINDS) -> list[dict]:
+  """Chosen: correct and well formed. Rejected, for questions: a wrong answer, an off-format
+  reply or a rambling one, drawn in the given proportions; for policy requests: the reply that
+  breaks the policy (`kind` is then the request's kind)."""
   unknown = set(proportions) - set(REJECTION_KINDS)
   if unknown or min(proportions.values(), default=-1) < 0 or not sum(proportions.values()) > 0:
     raise ValueError(f'config.data.rejection_proportions must weight {REJECTION_KINDS}, got '
                      f'{dict(proportions)}')
-  kinds = list(proportions)
-  weights = np.array([proportions[k] for k in kinds], float)
-  questions = world.questions(split, num)  # checks the split
+  rejections = list(proportions)
+  weights = np.array([proportions[k] for k in rejections], float)
+  questions = world.questions(split, num, kinds)  # checks the split
   rng = np.random.default_rng([seed, world_lib.QUESTION_SPLITS.index(split)])
   pairs = []
   for question in questions:
-    kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+    rejection = rejections[rng.choice(len(rejections), p=weights / weights.sum())]
     pairs.append({'messages': [{'role': 'user', 'content': question.prompt}],
                   'chosen': chat.format_answer(question.answer),
-                  'rejected': _rejected(question, kind, rng), 'kind': kind})
+                  'rejected': _rejected(question, rejection, rng),
+                  'kind': (question.kind if question.kind in world_lib.POLICY_KINDS
+                           else rejection)})
   return pairs
 
 
