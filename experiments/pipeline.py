@@ -82,7 +82,7 @@ def report(config, dirs: dict[str, str]) -> dict[str, dict[str, float]]:
     reference = lm.load_params(dirs['sft'], policy, mesh)
     scorer = rl.Scorer(rl_config, policy, critic, critic, reference,
                        lm.load_params(dirs['reward_model'], critic, mesh),
-                       reward.load_stats(dirs['reward_model']))
+                       reward.load_stats(dirs['reward_model']), mesh)
     prompts = [{'messages': c['messages'][:-1], 'answer': c['answer'], 'kind': c['kind']}
                for c in conversations]
     evaluate_replies = rl.make_evaluator(rl_config, tokenizer, policy, scorer, prompts, mesh,

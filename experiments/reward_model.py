@@ -90,7 +90,8 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
                                     config.eval.stats_pairs)
     _, values = _pair_metrics(model, mesh, stats_batches)(state.params)
     valid = np.concatenate([np.tile(b['valid'], 2) for b in stats_batches]) > 0
-    stats = reward.save_stats(workdir, np.concatenate(jax.device_get(values))[valid])
+    stats = reward.save_stats(
+        workdir, np.concatenate([sharding.local_rows(v, mesh) for v in values])[valid])
     metrics.log(f'reward statistics over {stats["num_scored"]} training replies: mean '
                 f'{stats["mean"]:.3f}, std {stats["std"]:.3f}')
   return state

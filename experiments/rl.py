@@ -25,6 +25,7 @@ from jaxlm import rl
 from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import post_training as data_lib
+from jaxlm.data import shards
 
 
 def _validate(config):
@@ -44,9 +45,6 @@ def _validate(config):
   if config.kl.adaptive and not (config.kl.target > 0 and config.kl.horizon > 0):
     raise ValueError('config.kl.target and config.kl.horizon must be positive with '
                      'config.kl.adaptive')
-  if jax.process_count() > 1:
-    raise ValueError('experiments.rl runs in one process for now (rollout decoding and '
-                     'verifiable rewards are host-local); use a single-host mesh')
   if config.algorithm == 'grpo' and config.rollout.samples_per_prompt < 2:
     raise ValueError('config.rollout.samples_per_prompt must be >= 2 for GRPO (advantages are '
                      'relative to the other replies to the same prompt)')
@@ -78,12 +76,12 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     scorer = rl.Scorer(
         config, policy, critic, critic, reference,
         lm.load_params(config.reward_workdir, critic, mesh) if uses_reward_model else None,
-        reward_lib.load_stats(config.reward_workdir) if uses_reward_model else None)
-    iterator = rl.PromptIterator(
-        grain.MapDataset.source(np.arange(len(prompts)))[
-            jax.process_index()::jax.process_count()].shuffle(seed=config.seed).repeat(None)
-        .batch(sharding.batch_size_per_process(config.rollout.prompts_per_step, mesh))
-        .to_iter_dataset(), rl.AdaptiveKL(config.kl))
+        reward_lib.load_stats(config.reward_workdir) if uses_reward_model else None, mesh)
+    iterator = rl.PromptIterator(shards.ShardedBatches(
+        lambda shard, num_shards, rows: grain.MapDataset.source(np.arange(len(prompts)))[
+            shard::num_shards].shuffle(seed=config.seed).repeat(None).batch(rows)
+        .map(lambda indices: {'indices': indices}).to_iter_dataset(),
+        config.data.num_shards, config.rollout.prompts_per_step, mesh), rl.AdaptiveKL(config.kl))
     is_ppo = config.algorithm == 'ppo'
 
     def init_params(rng):

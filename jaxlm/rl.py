@@ -89,7 +89,7 @@ def rollout(model, params, tokenizer, examples: list[dict], rng, *, prompt_len: 
   tokens, ends, log_probs = sampling.generate(
       model, params, placed['prompts'], placed['lengths'], rng, max_new_tokens=max_new_tokens,
       temperature=temperature, eos_id=chat.end_of_turn_id(tokenizer), return_log_probs=True)
-  host_tokens, host_ends = jax.device_get((tokens, ends))
+  host_tokens, host_ends = sharding.local_rows(tokens, mesh), sharding.local_rows(ends, mesh)
   replies = [tokenizer.decode(t for t in host_tokens[row, prompt_lengths[row]:host_ends[row]]
                               if t != chat.end_of_turn_id(tokenizer))
              for row in range(len(examples))]
@@ -226,8 +226,8 @@ class Scorer:
   """Turns rollouts into a training batch: rewards, reference log-probs, values, advantages."""
 
   def __init__(self, rl_config, policy, critic, reward_model, reference_params, reward_params,
-               reward_stats):
-    self.config = rl_config
+               reward_stats, mesh):
+    self.config, self.mesh = rl_config, mesh
     self.policy, self.critic, self.reward_model = policy, critic, reward_model
     self.reference_params, self.reward_params = reference_params, reward_params
     self.reward_stats = reward_stats
@@ -240,8 +240,9 @@ class Scorer:
     normalised with its training statistics."""
     if self.config.reward != 'model':
       fn = REWARD_FUNCTIONS[self.config.reward]
-      return jnp.asarray([fn(reply, ex) for reply, ex in zip(rollouts.replies, examples)],
-                         jnp.float32)
+      local = np.asarray([fn(reply, ex) for reply, ex in zip(rollouts.replies, examples)],
+                         np.float32)
+      return sharding.put_batch({'rewards': local}, self.mesh)['rewards']
     tokens = jnp.concatenate([rollouts.inputs_BxT[:, :1], rollouts.targets_BxT], axis=1)
     raw = self._reward_model_scores(self.reward_params, tokens, rollouts.last_index_B + 1)
     return (raw - self.reward_stats['mean']) / self.reward_stats['std']
@@ -286,20 +287,22 @@ def _arrays(rollouts: Rollouts) -> dict:
 
 def make_prepare_batch(rl_config, tokenizer, policy, scorer: Scorer, prompts: list[dict],
                        iterator: PromptIterator, mesh):
-  """(state, prompt indices) -> training batch, sampling replies from the current policy."""
+  """(state, {'indices': this process's prompt indices}) -> training batch, sampling replies
+  from the current policy."""
   c = rl_config
 
-  def prepare(state, indices):
-    examples = [prompts[int(i)] for i in indices for _ in range(c.rollout.samples_per_prompt)]
+  def prepare(state, batch):
+    examples = [prompts[int(i)] for i in batch['indices']
+                for _ in range(c.rollout.samples_per_prompt)]
     rollouts = rollout(policy, state.params['policy'], tokenizer, examples,
                        jax.random.fold_in(state.rng, 1), prompt_len=c.rollout.prompt_len,
                        max_new_tokens=c.rollout.max_new_tokens,
                        temperature=c.rollout.temperature, mesh=mesh)
     batch = scorer.batch(state, rollouts, examples, iterator.kl.value)
     if c.kl.adaptive:  # one host sync per step, only when the controller needs the KL
-      per_reply = float(jnp.sum((batch['old_log_probs'] - batch['ref_log_probs']))
-                        / max(len(examples), 1))
-      iterator.kl.update(per_reply, len(examples))
+      replies = len(examples) * jax.process_count()
+      per_reply = float(jnp.sum((batch['old_log_probs'] - batch['ref_log_probs'])) / replies)
+      iterator.kl.update(per_reply, replies)
     return batch
 
   return prepare
@@ -332,16 +335,19 @@ def make_evaluator(rl_config, tokenizer, policy, scorer: Scorer, examples: list[
                          temperature=0.0, mesh=mesh)
       keep = len(chunk)
       replies += rollouts.replies[:keep]
-      rewards += list(jax.device_get(scorer.rewards(rollouts, padded))[:keep])
+      rewards += list(sharding.local_rows(scorer.rewards(rollouts, padded), mesh)[:keep])
       arrays = _arrays(rollouts)
-      arrays['mask'] = arrays['mask'] * (jnp.arange(batch_size) < keep)[:, None]
+      kept = sharding.put_batch({'kept': (np.arange(batch_size) < keep).astype(np.float32)},
+                                mesh)['kept']
+      arrays['mask'] = arrays['mask'] * kept[:, None]
       kl_total += float(kl(params['policy'], scorer.reference_params, arrays))
     for example, reply in list(zip(examples, replies))[:c.eval.num_samples]:
       log(f'reply at step {step}: {example["messages"][-1]["content"]!r} -> {reply!r}')
     if checkable:
       results.update(chat.evaluation_metrics(replies, examples))
     results['eval/mean_reward'] = float(np.mean(rewards))
-    results['eval/kl'] = kl_total / len(examples)
+    # Every process sampled the same prompts, so the global sums count each one once per process.
+    results['eval/kl'] = kl_total / len(examples) / jax.process_count()
     return results
 
   return evaluate

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -113,6 +114,12 @@ def put_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, batch_axis: int = 
   spec = PartitionSpec(*([None] * batch_axis), ('data', 'fsdp'))
   sharding = NamedSharding(mesh, spec)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def local_rows(batch_array, mesh: Mesh) -> np.ndarray:
+  """This process's rows of a global batch array: the inverse of `put_batch`."""
+  return np.asarray(multihost_utils.global_array_to_host_local_array(
+      batch_array, mesh, PartitionSpec(('data', 'fsdp'))))
 
 
 def with_rules(fn):

@@ -14,7 +14,10 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import pretrain
+from experiments import sft
 from jaxlm.data import shards
+from tests import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,12 +29,19 @@ def _free_port() -> int:
 
 
 def _pretrain(workdir, num_processes: int, devices_per_process: int, *overrides: str):
-  """Runs experiments.pretrain as `num_processes` processes; returns train/loss by step."""
+  return _run('pretrain', 'pretrain', workdir, num_processes, devices_per_process,
+              '--config.train.steps=4', '--config.checkpoint.every=2', *overrides)
+
+
+def _run(binary: str, config: str, workdir, num_processes: int, devices_per_process: int,
+         *overrides: str):
+  """Runs experiments.<binary> as `num_processes` processes; returns (train/loss by step, the
+  first process's output)."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}'}
-  args = [sys.executable, '-m', 'experiments.pretrain', '--config=tests/tiny_config.py',
+  args = [sys.executable, '-m', f'experiments.{binary}', f'--config=tests/tiny_config.py:{config}',
           f'--workdir={workdir}', '--config.mesh.num_devices=0', '--config.data.num_shards=2',
-          '--config.train.steps=4', '--config.checkpoint.every=2', *overrides]
+          *overrides]
   if num_processes > 1:
     port = _free_port()
     args += [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={num_processes}']
@@ -43,7 +53,8 @@ def _pretrain(workdir, num_processes: int, devices_per_process: int, *overrides:
   for p, (out, err) in zip(processes, outputs):
     assert p.returncode == 0, out + err[-3000:]
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return {r['step']: r['train/loss'] for r in map(json.loads, f)}, outputs[0][0]
+    return ({r['step']: r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r},
+            outputs[0][0])
 
 
 def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_path):
@@ -69,6 +80,36 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
   assert 'Resuming from the checkpoint at step 2' in log
   assert sorted(after) == [3, 4]
   np.testing.assert_allclose([after[3], after[4]], [two[3], two[4]], rtol=2e-5)
+
+
+@pytest.fixture(scope='module')
+def sft_workdir(tmp_path_factory):
+  base, sft_dir = (str(tmp_path_factory.mktemp(name)) for name in ('base', 'sft'))
+  pretrain.train_and_evaluate(tiny_config.config(steps=8), base)
+  sft.train_and_evaluate(tiny_config.sft_config(base, steps=4), sft_dir)
+  return sft_dir
+
+
+def _two_processes_match_one(tmp_path, binary, config, *overrides):
+  mesh = ('--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')
+  two, _ = _run(binary, config, tmp_path / 'two', 2, 4, *mesh, *overrides)
+  one, _ = _run(binary, config, tmp_path / 'one', 1, 8, *mesh, *overrides)
+  assert sorted(two) == sorted(one) == [1, 2]
+  np.testing.assert_allclose([two[1], two[2]], [one[1], one[2]], rtol=1e-4)
+
+
+def test_grpo_on_two_processes_matches_one(tmp_path, sft_workdir):
+  # Each process samples its own prompts' replies and scores them; the update is global.
+  _two_processes_match_one(tmp_path, 'rl', 'rl', f'--config.init_workdir={sft_workdir}',
+                           '--config.train.steps=2', '--config.rollout.prompts_per_step=8')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('binary, config', [('sft', 'sft'), ('reward_model', 'reward'),
+                                            ('dpo', 'dpo')])
+def test_post_training_on_two_processes_matches_one(tmp_path, sft_workdir, binary, config):
+  _two_processes_match_one(tmp_path, binary, config, f'--config.init_workdir={sft_workdir}',
+                           '--config.train.steps=2')
 
 
 class _FakeProcess:

@@ -55,9 +55,13 @@ def reward_config(init_workdir, steps=4, **overrides):
   return _post_training(c, init_workdir, steps, overrides)
 
 
-def get_config():
-  """Lets the binaries load this file with --config=tests/tiny_config.py."""
-  return config()
+def get_config(stage: str = 'pretrain'):
+  """Lets the binaries load this file: --config=tests/tiny_config.py (or ...py:sft, :reward,
+  :rl, :dpo, with --config.init_workdir=...)."""
+  makers = {'pretrain': config, 'sft': lambda: sft_config(''),
+            'reward': lambda: reward_config(''), 'rl': lambda: rl_config(''),
+            'dpo': lambda: dpo_config('')}
+  return makers[stage]()
 
 
 def rl_config(init_workdir, steps=4, **overrides):

@@ -8,7 +8,7 @@ over its own length, as the Chinchilla fits need. Tuples from the command line:
 `--config.ladder.d_models='(64, 128)'`.
 
 A real ladder, for a TPU slice (`--config=experiments/configs/scaling.py:tpu`): widths 256..2048
-at 12 layers (~9M..~800M non-embedding parameters), ~2.6e8..~8.6e9 tokens each, on C4 prepared
+at 12 layers (~13M..~800M non-embedding parameters), ~2.6e8..~8.4e9 tokens each, on C4 prepared
 as ArrayRecord; ~1e20 FLOPs (6ND) in all, hours on a v5e-64 at 40% MFU.
 """
 
@@ -42,11 +42,11 @@ def get_tpu_config():
   """The same study at a scale where the exponents mean something: 5 widths x 4 lengths."""
   c = base.get_config()
   c.model.update(num_layers=12, head_dim=64, max_seq_len=1024, dtype='bfloat16', remat='dots')
-  c.data.update(source='tfds', tfds_name='c4/en:3.1.0', seq_len=1024)
+  c.data.update(source='tfds', tfds_name='c4/en', seq_len=1024)
   c.tokenizer.update(vocab_size=32_000, train_docs=200_000)
   c.train.update(batch_size=256, learning_rate=1e-3)
   c.eval.update(batches=32, batch_size=64, num_samples=0)
-  # 256 x 1024 tokens a step: 1k .. 32k steps is ~2.7e8 .. ~8.6e9 tokens.
+  # 256 x 1024 tokens a step: 1k .. 32k steps is ~2.6e8 .. ~8.4e9 tokens.
   c.ladder = ladder(d_models=(256, 512, 768, 1024, 2048), steps=(1_000, 4_000, 16_000, 32_000),
                     mlp_ratio=4, warmup_fraction=0.05)
   c.budget_flops = 1e21
