@@ -5,6 +5,7 @@ bf16 peak; a CPU has no meaningful published figure, so it uses a matmul measure
 process (figures from different runs on a shared CPU are not comparable).
 """
 
+import functools
 import time
 
 import jax
@@ -25,6 +26,8 @@ PEAK_FLOPS = {
 }
 
 
+# Once per process: the probe takes about a second, and a pipeline's stages would each repeat it.
+@functools.cache
 def measure_matmul_flops(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
   """FLOP/s of a jitted square matmul on the default device: the CPU's practical peak."""
   a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)

@@ -40,5 +40,5 @@ def get_config() -> ml_collections.ConfigDict:
   # The report: every policy on the same held-out prompts and preference pairs.
   c.report = ml_collections.ConfigDict(dict(
       num_prompts=256, num_policy_prompts=64, num_pairs=512, batch_size=128, seq_len=128,
-      prompt_len=48, max_new_tokens=16))
+      prompt_len=48, max_new_tokens=24))
   return c

@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   # RL prompts: the world's questions kept apart from SFT and evaluation.
   c.data.update(num_train=20_000, num_eval=256, world_train_split='rl')
   c.rollout = ml_collections.ConfigDict(dict(
-      prompts_per_step=16, samples_per_prompt=8, prompt_len=48, max_new_tokens=16,
+      prompts_per_step=16, samples_per_prompt=8, prompt_len=48, max_new_tokens=24,
       temperature=1.0))
   c.clip_eps = 0.2
   c.value_clip_eps = 0.2
