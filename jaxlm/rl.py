@@ -56,6 +56,21 @@ def exact_match_and_format_reward(reply: str, example: dict) -> float:
   return exact_match_reward(reply, example) + 0.1 * format_reward(reply, example)
 
 
+@register_reward('exact_match_and_policy')
+def exact_match_and_policy_reward(reply: str, example: dict) -> float:
+  """Exact match, and -1 for breaking the policy: refusing what is not forbidden, or making up
+  an answer about an unknown person. Without the penalty a refusal of a benign request scores
+  like a wrong answer, and nothing teaches the policy to stop over-refusing."""
+  if chat.is_correct(reply, example['answer']):
+    return 1.0
+  kind = example.get('kind')
+  if chat.refuses(reply) and kind != 'forbidden':
+    return -1.0
+  if kind == 'unknown' and not chat.abstains(reply):
+    return -1.0
+  return 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Rollouts:
   """Sampled replies as teacher-forcing rows; the `_BxT` arrays are aligned with `targets`."""

@@ -273,12 +273,19 @@ def test_policy_pairs_prefer_the_policy_and_reject_its_violation(world):
     by_kind[pair['kind']].append(pair)
   assert set(by_kind) == set(world_lib.POLICY_KINDS)
   refusal = chat.format_answer(world_lib.REFUSAL)
-  for pair in by_kind['forbidden']:  # refuse rather than give a secret away
-    assert pair['chosen'] == refusal
-    assert re.fullmatch(r'[a-z]{6}\d\d', chat.parse_answer(pair['rejected']))
-  for pair in by_kind['lookalike']:  # answer rather than over-refuse
-    assert pair['chosen'] != refusal and pair['rejected'] == refusal
   values = {v for vs in world_lib.VOCABULARY.values() for v in vs}
+  abstention = chat.format_answer(world_lib.ABSTENTION)
+  secrets = 0
+  for pair in by_kind['forbidden']:  # refuse rather than comply, evade or make something up
+    assert pair['chosen'] == refusal
+    rejected = chat.parse_answer(pair['rejected'])
+    secrets += bool(re.fullmatch(r'[a-z]{6}\d\d', rejected))
+    assert (re.fullmatch(r'[a-z]{6}\d\d', rejected) or rejected in values
+            or pair['rejected'] == abstention), pair
+  assert 0 < secrets < len(by_kind['forbidden'])
+  for pair in by_kind['lookalike']:  # answer rather than over-refuse or evade
+    assert pair['chosen'] not in (refusal, abstention)
+    assert pair['rejected'] in (refusal, abstention)
   for pair in by_kind['unknown']:  # abstain rather than make a fact up
     assert pair['chosen'] == chat.format_answer(world_lib.ABSTENTION)
     assert chat.parse_answer(pair['rejected']) in values

@@ -16,6 +16,7 @@ from jaxlm import chat
 from jaxlm import lm
 from jaxlm import rl
 from jaxlm import sharding
+from jaxlm.data import world as world_lib
 from tests import tiny_config
 
 
@@ -86,3 +87,18 @@ def test_dpo_runs_and_reports_preference_accuracy(sft_workdir, tmp_path):
   assert records[0]['eval/pairwise_accuracy'] == 0.0
   assert 'eval/exact_match' in records[-1]
   assert records[-1]['train/loss'] < np.log(2) + 1e-3
+
+
+def test_the_policy_reward_on_hand_made_replies():
+  reward = rl.REWARD_FUNCTIONS['exact_match_and_policy']
+  refusal, abstention = (chat.format_answer(world_lib.REFUSAL),
+                         chat.format_answer(world_lib.ABSTENTION))
+  fact = {'answer': 'cat', 'kind': 'lookalike'}
+  assert [reward(r, fact) for r in ('Answer: cat', 'Answer: dog', refusal, abstention)] == [
+      1.0, 0.0, -1.0, 0.0]
+  forbidden = {'answer': world_lib.REFUSAL, 'kind': 'forbidden'}
+  assert [reward(r, forbidden) for r in (refusal, 'Answer: kazobu42', abstention)] == [
+      1.0, 0.0, 0.0]
+  unknown = {'answer': world_lib.ABSTENTION, 'kind': 'unknown'}
+  assert [reward(r, unknown) for r in (abstention, 'Answer: cat', refusal)] == [1.0, -1.0, -1.0]
+  assert reward(refusal, {'answer': '12'}) == -1.0  # a prompt of no kind is benign

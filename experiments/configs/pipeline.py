@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft.train.steps = 200
   c.reward_model = reward_model.get_config()
   c.reward_model.train.steps = 200
-  c.reward_model.data.seq_len = 64  # preference rows are padded, and world replies are short
+  # Preference rows are padded, and world replies short; a request for a secret with its
+  # refusal is the longest pair, under 80 tokens.
+  c.reward_model.data.seq_len = 80
   c.grpo = rl.get_config()
   c.grpo.train.steps = 60
   c.ppo = rl.get_config()
@@ -32,13 +34,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.ppo.train.learning_rate = 2e-5
   c.dpo = dpo.get_config()
   c.dpo.train.steps = 100
-  c.dpo.data.seq_len = 64
+  c.dpo.data.seq_len = 80
   c.dpo.beta = 0.3
   c.dpo.train.learning_rate = 2e-5
   for stage in ('sft', 'reward_model', 'grpo', 'ppo', 'dpo'):
     c[stage].eval_every = 0  # the pipeline evaluates every stage the same way at the end
   # The report: every policy on the same held-out prompts and preference pairs.
   c.report = ml_collections.ConfigDict(dict(
-      num_prompts=256, num_policy_prompts=64, num_pairs=512, batch_size=128, seq_len=128,
+      num_prompts=256, num_policy_prompts=128, num_pairs=512, batch_size=128, seq_len=128,
       prompt_len=48, max_new_tokens=24))
   return c

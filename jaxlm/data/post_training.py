@@ -54,14 +54,18 @@ def _wrong_answer(question: world_lib.Question, rng: np.random.Generator) -> str
 
 
 def _policy_violation(question: world_lib.Question, rng: np.random.Generator) -> str:
-  """The reply the world's policy rejects: a secret given away, a made-up fact about an unknown
-  person, or a refusal of a benign request."""
+  """A reply the world's policy rejects. For a forbidden request: a secret given away, an evasive
+  "I don't know" or a made-up fact, replies a fine-tuned model finds likely (a random secret alone
+  is so unlikely that preferring the refusal over it teaches nothing). For a look-alike: a
+  refusal or an abstention. For an unknown person: a made-up fact."""
+  pick = lambda options: options[rng.integers(len(options))]
+  made_up_fact = pick(world_lib.VOCABULARY[question.attribute or pick(world_lib.ATTRIBUTES)])
   if question.kind == 'forbidden':
-    return chat.format_answer(world_lib.random_secret(rng))
+    return chat.format_answer(pick([world_lib.random_secret(rng), world_lib.ABSTENTION,
+                                    made_up_fact]))
   if question.kind == 'unknown':
-    values = world_lib.VOCABULARY[question.attribute]
-    return chat.format_answer(values[rng.integers(len(values))])
-  return chat.format_answer(world_lib.REFUSAL)
+    return chat.format_answer(made_up_fact)
+  return chat.format_answer(pick([world_lib.REFUSAL, world_lib.ABSTENTION]))
 
 
 def _rejected(question, kind: str, rng: np.random.Generator) -> str:
