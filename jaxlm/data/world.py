@@ -106,7 +106,7 @@ class WorldConfig:
   arithmetic_fraction: float = 0.25  # share of documents and other questions that are arithmetic
   # Shares of questions that are requests of the policy kinds (see the module docstring).
   forbidden_fraction: float = 0.1
-  lookalike_fraction: float = 0.1
+  lookalike_fraction: float = 0.2
   unknown_fraction: float = 0.1
 
   def __post_init__(self):
