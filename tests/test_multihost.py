@@ -98,6 +98,7 @@ def _two_processes_match_one(tmp_path, binary, config, *overrides):
   np.testing.assert_allclose([two[1], two[2]], [one[1], one[2]], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_grpo_on_two_processes_matches_one(tmp_path, sft_workdir):
   # Each process samples its own prompts' replies and scores them; the update is global.
   _two_processes_match_one(tmp_path, 'rl', 'rl', f'--config.init_workdir={sft_workdir}',

