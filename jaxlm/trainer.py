@@ -233,8 +233,10 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
           last_time = time.time()  # evaluation is not training throughput
         writer.write(step, scalars)
         metrics_lib.log(progress.line(step, scalars))
-      # Every host stops at the same step, whichever of them got the signal.
-      preempted = distributed.any_process(preemption.requested)
+      # Every host stops at the same step, whichever of them got the signal. Agreeing is a host
+      # sync, so several hosts agree at logged steps only, which sync anyway.
+      preempted = ((jax.process_count() == 1 or step % config.log_every == 0)
+                   and distributed.any_process(preemption.requested))
       if step % config.checkpoint.every == 0 or step == tc.steps or preempted:
         checkpointer.save(step, state, data_iterator.get_state())
       if preempted:
