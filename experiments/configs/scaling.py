@@ -1,5 +1,5 @@
 r"""A compute-optimal scaling ladder: every width in `ladder.d_models` trained for every length in
-`ladder.steps`, on the built-in world; the 12 runs take about 4 minutes on 2 CPU cores.
+`ladder.steps`, on the built-in world; the 12 runs take about 2 minutes on 2 CPU cores.
 
 Every other field is a pretraining field shared by all runs (`--config.data.source=text
 --config.data.text_glob='corpus/*.txt'`). A width sets d_model, num_heads = num_kv_heads =
