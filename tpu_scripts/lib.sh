@@ -66,3 +66,12 @@ on_workers() {
   run gcloud compute tpus tpu-vm ssh "$NAME" "${LOCATION[@]}" "--worker=$workers" \
     "--command=$command"
 }
+
+# For scripts that take only the common flags.
+parse_common_flags() {
+  local arg
+  for arg in "$@"; do
+    common_flag "$arg" || die "unknown flag $arg (see --help)"
+  done
+  require_common
+}

@@ -13,8 +13,5 @@ $COMMON_HELP
 HELP
 }
 
-for arg in "$@"; do
-  common_flag "$arg" || die "unknown flag $arg (see --help)"
-done
-require_common
+parse_common_flags "$@"
 on_workers all "pkill -TERM -f 'python3 -m experiments[.]' || true"

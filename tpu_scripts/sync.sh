@@ -12,10 +12,7 @@ $COMMON_HELP
 HELP
 }
 
-for arg in "$@"; do
-  common_flag "$arg" || die "unknown flag $arg (see --help)"
-done
-require_common
+parse_common_flags "$@"
 location_flags
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
