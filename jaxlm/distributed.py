@@ -83,11 +83,3 @@ def any_process(flag: bool) -> bool:
     return flag
   return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
 
-
-def to_host(tree):
-  """Numpy copies of (possibly multi-host) global arrays, whole on every process."""
-  def fetch(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-  return jax.tree.map(fetch, tree)
