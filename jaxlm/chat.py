@@ -104,7 +104,9 @@ def evaluation_metrics(replies: list[str], examples: list[dict]) -> dict[str, fl
   policy rates over the policy requests."""
   questions = [(r, e['answer']) for r, e in zip(replies, examples)
                if e.get('kind') not in world_lib.POLICY_KINDS]
-  results = answer_metrics([r for r, _ in questions], [a for _, a in questions]) if questions else {}
+  results = {}
+  if questions:
+    results = answer_metrics([r for r, _ in questions], [a for _, a in questions])
   results.update(policy_metrics(replies, [e.get('kind', '') for e in examples]))
   return results
 

@@ -29,7 +29,8 @@ def _share(world, kind):
   """The share of questions of `kind` the config asks for."""
   c = world.config
   others = 1 - c.forbidden_fraction - c.lookalike_fraction - c.unknown_fraction
-  return {'fact': others * (1 - c.arithmetic_fraction), 'arithmetic': others * c.arithmetic_fraction,
+  return {'fact': others * (1 - c.arithmetic_fraction),
+          'arithmetic': others * c.arithmetic_fraction,
           'forbidden': c.forbidden_fraction, 'lookalike': c.lookalike_fraction,
           'unknown': c.unknown_fraction}[kind]
 

@@ -3,7 +3,8 @@
 A row is a dict of int32 [batch, seq_len] arrays: `inputs`, `targets`, `segment_ids` (1, 2, ...
 per document; 0 is padding), `positions` (restarting at 0 per document) and float32 `weights`
 (1 where the target counts). A data shard (`jaxlm.data.shards`) reads every `num_shards`-th
-document; the iterator's position is a small JSON-able dict that checkpoints store and restore exactly.
+document; the iterator's position is a small JSON-able dict that checkpoints store and restore
+exactly.
 """
 
 import os

@@ -17,8 +17,8 @@ and 'unknown' asks about a person no document mentions (the right reply abstains
 `ABSTENTION`; anything else is a hallucination).
 
 Questions are split three ways by a hash of what they ask (a person's attribute, a person's
-secret, an unknown person, or a problem), so splits never depend on how much is drawn: 'train' for SFT and the reward model, 'rl' for RL
-prompts, 'heldout' for evaluation. Every fact is stated in pretraining documents, but a held-out
+secret, an unknown person, or a problem), so splits never depend on how much is drawn: 'train'
+for SFT and the reward model, 'rl' for RL prompts, 'heldout' for evaluation. Every fact is stated in pretraining documents, but a held-out
 fact is never *asked* in training data: answering it means recalling what pretraining read.
 Arithmetic problems outside 'train' never appear anywhere in training text.
 
