@@ -45,13 +45,14 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
       eval_batches = [with_reference(sharding.put_batch(b, mesh))
                       for b in reward.padded_pair_batches(
                           reward.pair_rows(tokenizer, pairs['eval'], seq_len, 'eval'),
-                          config.eval.batch_size, config.eval.batches)]
+                          config.eval.batch_size)]
 
     @jax.jit
     def eval_step(params, batch):
       chosen, rejected = dpo.pair_log_probs(model, params, batch)
       margin = (chosen - batch['ref_chosen']) - (rejected - batch['ref_rejected'])
-      return {'correct': jnp.sum((margin > 0) * batch['valid']), 'count': jnp.sum(batch['valid'])}
+      return {'correct': jnp.sum((margin > 0) * batch['valid']), 'count': jnp.sum(batch['valid']),
+              **reward.kind_counts((margin > 0).astype(jnp.float32), batch)}
 
     evaluate_answers = post_training.make_answer_evaluator(
         model, tokenizer, data_lib.world_held_out(
@@ -64,7 +65,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
       if eval_batches:
         totals = jax.device_get(jax.tree.map(lambda *x: sum(x),
                                              *[eval_step(params, b) for b in eval_batches]))
-        results['eval/pairwise_accuracy'] = totals['correct'] / totals['count']
+        results.update(reward.pairwise_accuracy(totals['correct'], totals['count'], totals))
       return results
 
     stage = trainer.Stage(

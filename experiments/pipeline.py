@@ -26,7 +26,6 @@ from experiments import sft
 from jaxlm import dpo as dpo_lib
 from jaxlm import lm
 from jaxlm import metrics
-from jaxlm import model as model_lib
 from jaxlm import reward
 from jaxlm import rl
 from jaxlm import sharding
@@ -71,7 +70,7 @@ def report(config, dirs: dict[str, str]) -> dict[str, dict[str, float]]:
                                           r.num_policy_prompts)
   pairs = reward.world_pairs(config.reward_model.data, config.reward_model.seed)(
       world, 'heldout', r.num_pairs)
-  critic = model_lib.ScalarHeadModel(policy.config)
+  critic = reward.reward_model(dirs['reward_model'], policy.config)
   rl_config = ml_collections.ConfigDict(dict(
       algorithm='grpo', reward='model', rollout=dict(prompt_len=r.prompt_len,
                                                      max_new_tokens=r.max_new_tokens),
@@ -92,7 +91,7 @@ def report(config, dirs: dict[str, str]) -> dict[str, dict[str, float]]:
         r.batch_size, seed=0, shuffle=False, repeat=False), r.batch_size, r.num_prompts)
     evaluate_loss = lm.make_loss_evaluator(policy, mesh, loss_batches)
     pair_batches = [sharding.put_batch(b, mesh) for b in reward.padded_pair_batches(
-        reward.pair_rows(tokenizer, pairs, r.seq_len, 'report'), r.batch_size, r.num_pairs)]
+        reward.pair_rows(tokenizer, pairs, r.seq_len, 'report'), r.batch_size)]
 
     @jax.jit
     def prefers_chosen(params, batch):

@@ -30,7 +30,8 @@ from jaxlm.data import shards
 
 
 def _pair_metrics(model, mesh, batches):
-  """params -> held-out pairwise accuracy, reward gap and loss over fixed batches."""
+  """params -> (pairwise accuracy (overall and per kind), reward gap and loss over fixed
+  batches, [rewards of each batch's rows])."""
   @jax.jit
   def eval_step(params, batch):
     chosen, rejected = reward.pair_rewards(model, params, batch)
@@ -38,7 +39,8 @@ def _pair_metrics(model, mesh, batches):
     gap = (chosen - rejected) * valid
     return {'correct': jnp.sum((gap > 0) * valid), 'gap': jnp.sum(gap),
             'nll': jnp.sum(-jax.nn.log_sigmoid(chosen - rejected) * valid),
-            'count': jnp.sum(valid), 'rewards': jnp.concatenate([chosen, rejected])}
+            'count': jnp.sum(valid), 'rewards': jnp.concatenate([chosen, rejected]),
+            **reward.kind_counts((chosen > rejected).astype(jnp.float32), batch)}
 
   def evaluate(params):
     totals, values = None, []
@@ -47,7 +49,7 @@ def _pair_metrics(model, mesh, batches):
       values.append(out.pop('rewards'))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
-    return {'eval/pairwise_accuracy': totals['correct'] / totals['count'],
+    return {**reward.pairwise_accuracy(totals['correct'], totals['count'], totals),
             'eval/reward_gap': totals['gap'] / totals['count'],
             'eval/loss': totals['nll'] / totals['count']}, values
 
@@ -59,10 +61,12 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   tokenizer, base_model, world = post_training.start_from(config, workdir)
   configs.validate(config)
   configs.save(config, workdir)
-  model = model_lib.ScalarHeadModel(base_model.config)
+  model = model_lib.ScalarHeadModel(base_model.config,
+                                    reply_likelihood=config.reply_likelihood)
   seq_len = config.data.seq_len
   pairs = {split: post_training.examples(config.data, split, world,
-                                         data_lib.preference_from_record, reward.world_pairs(config.data, config.seed))
+                                         data_lib.preference_from_record,
+                                         reward.world_pairs(config.data, config.seed))
            for split in ('train', 'eval')}
   train_rows = reward.pair_rows(tokenizer, pairs['train'], seq_len, 'train')
   mesh = sharding.make_mesh(config.mesh)
@@ -70,8 +74,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     evaluate_pairs = None
     if pairs['eval']:
       evaluate_pairs = _pair_metrics(model, mesh, reward.padded_pair_batches(
-          reward.pair_rows(tokenizer, pairs['eval'], seq_len, 'eval'), config.eval.batch_size,
-          config.eval.batches))
+          reward.pair_rows(tokenizer, pairs['eval'], seq_len, 'eval'), config.eval.batch_size))
     load_backbone = lm.params_loader(config.init_workdir)
     stage = trainer.Stage(
         init_params=lm.init_params_fn(model, seq_len),
@@ -86,8 +89,8 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
         tokens_per_row=2 * seq_len)
     state = trainer.train(config, workdir, stage, mesh)
     # Statistics over training pairs, for RL to normalise rewards with.
-    stats_batches = reward.padded_pair_batches(train_rows[:config.eval.stats_pairs], config.eval.batch_size,
-                                    config.eval.stats_pairs)
+    stats_batches = reward.padded_pair_batches(train_rows[:config.eval.stats_pairs],
+                                               config.eval.batch_size)
     _, values = _pair_metrics(model, mesh, stats_batches)(state.params)
     valid = np.concatenate([np.tile(b['valid'], 2) for b in stats_batches]) > 0
     stats = reward.save_stats(

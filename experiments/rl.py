@@ -61,7 +61,9 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     raise ValueError(f'config.rollout.prompt_len + max_new_tokens exceeds the model\'s '
                      f'max_seq_len ({config.model.max_seq_len})')
   configs.save(config, workdir)
-  critic = model_lib.ScalarHeadModel(policy.config)
+  # The critic starts as the reward model (when there is one), so it has its module.
+  critic = (reward_lib.reward_model(config.reward_workdir, policy.config)
+            if config.reward == 'model' else model_lib.ScalarHeadModel(policy.config))
   prompts = post_training.examples(config.data, 'train', world, data_lib.prompt_from_record,
                                    data_lib.world_prompts)
   eval_prompts = post_training.examples(config.data, 'eval', world, data_lib.prompt_from_record,

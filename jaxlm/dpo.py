@@ -10,11 +10,10 @@ from jaxlm import losses
 def reply_log_probs(model, params, tokens_BxL, start_B, last_B):
   """Sum of log p(token) over each row's reply: tokens start..last (inclusive)."""
   inputs, targets = tokens_BxL[:, :-1], tokens_BxL[:, 1:]
-  positions = jnp.arange(targets.shape[1]) + 1  # target j is token j + 1
-  segment_ids = (positions - 1 <= last_B[:, None]).astype(jnp.int32)
+  segment_ids = (jnp.arange(inputs.shape[1]) <= last_B[:, None]).astype(jnp.int32)
   logits, _ = model.apply({'params': params}, inputs, None, segment_ids)
-  mask = ((positions >= start_B[:, None]) & (positions <= last_B[:, None])).astype(jnp.float32)
-  return losses.sequence_log_probs(losses.token_log_probs(logits, targets), mask)
+  return losses.sequence_log_probs(losses.token_log_probs(logits, targets),
+                                   losses.reply_mask(start_B, last_B, targets.shape[1]))
 
 
 def pair_log_probs(model, params, batch):

@@ -209,6 +209,14 @@ def dpo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, b
   }
 
 
+def reply_mask(reply_start_B, last_B, num_targets: int):
+  """[B, num_targets] float mask of the targets that are reply tokens, for targets shifted by
+  one (target j is token j + 1) and replies spanning tokens reply_start..last."""
+  positions = jnp.arange(num_targets) + 1
+  return ((positions >= reply_start_B[:, None])
+          & (positions <= last_B[:, None])).astype(jnp.float32)
+
+
 def sequence_log_probs(token_logp_BxT, mask_BxT):
   """log p(response) per row, float32 [B]: the sum of token log-probs over masked tokens."""
   return jnp.sum(token_logp_BxT.astype(jnp.float32) * mask_BxT.astype(jnp.float32), axis=-1)

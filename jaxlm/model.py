@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm import losses
+
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -248,16 +250,40 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> dict[str, 
 class ScalarHeadModel(nn.Module):
   """The transformer with a scalar read-out per position: reward models read it at a sequence's
   last token, value functions at every token. Parameters: {'transformer': ..., 'head': ...}, so
-  the backbone loads from any language-model checkpoint."""
+  the backbone loads from any language-model checkpoint.
+
+  With `reply_likelihood`, a reward (`reward`) also adds a learned multiple of the reply's
+  log-likelihood under the backbone's own language-model head: whether an answer is right is
+  what that likelihood knows, and a head trained on pairs about facts the model memorised learns
+  a lookup that does not carry over to facts it was never asked about.
+  """
   config: ModelConfig
+  reply_likelihood: bool = False
 
   def setup(self):
     self.transformer = Transformer(self.config)
     self.head = nn.Dense(1, dtype=jnp.float32, param_dtype=DTYPES[self.config.param_dtype],
                          kernel_init=_param(nn.initializers.zeros, ('embed', None)))
+    if self.reply_likelihood:
+      # Below 1 at first: the likelihood's margins (tens of nats) would otherwise swamp the head
+      # where the two disagree, as on benign requests the model is inclined to refuse.
+      self.likelihood_scale = self.param(
+          'likelihood_scale', _param(nn.initializers.constant(0.3), ()), (), jnp.float32)
 
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None):
     if self.is_initializing():  # create the unembedding too, to match language-model checkpoints
       self.transformer(tokens_BxL, positions_BxL, segment_ids_BxL)
     hidden_BxLxD, _ = self.transformer.hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL)
     return self.head(hidden_BxLxD.astype(jnp.float32))[..., 0]
+
+  def reward(self, tokens_BxL, segment_ids_BxL, reply_start_B, last_B):
+    """[B] rewards of padded rows whose reply is tokens reply_start..last (inclusive)."""
+    hidden_BxLxD, _ = self.transformer.hidden_states(tokens_BxL, None, segment_ids_BxL)
+    values_BxL = self.head(hidden_BxLxD.astype(jnp.float32))[..., 0]
+    reward_B = jnp.take_along_axis(values_BxL, last_B[:, None], axis=1)[:, 0]
+    if not self.reply_likelihood:
+      return reward_B
+    token_logp = losses.token_log_probs(self.transformer.logits(hidden_BxLxD[:, :-1]),
+                                        tokens_BxL[:, 1:])
+    return reward_B + self.likelihood_scale * losses.sequence_log_probs(
+        token_logp, losses.reply_mask(reply_start_B, last_B, tokens_BxL.shape[1] - 1))

@@ -12,6 +12,7 @@ objective:
 """
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -247,8 +248,7 @@ class Scorer:
     self.reference_params, self.reward_params = reference_params, reward_params
     self.reward_stats = reward_stats
     self._score = jax.jit(self._score_on_device)
-    self._reward_model_scores = jax.jit(
-        lambda params, tokens, last: reward_lib.rewards(reward_model, params, tokens, last))
+    self._reward_model_scores = jax.jit(functools.partial(reward_lib.rewards, reward_model))
 
   def rewards(self, rollouts: Rollouts, examples: list[dict]):
     """[B] rewards: a verifiable function of the decoded replies, or the reward model's score
@@ -258,8 +258,11 @@ class Scorer:
       local = np.asarray([fn(reply, ex) for reply, ex in zip(rollouts.replies, examples)],
                          np.float32)
       return sharding.put_batch({'rewards': local}, self.mesh)['rewards']
+    # Token j + 1 of the scored rows is target j.
     tokens = jnp.concatenate([rollouts.inputs_BxT[:, :1], rollouts.targets_BxT], axis=1)
-    raw = self._reward_model_scores(self.reward_params, tokens, rollouts.last_index_B + 1)
+    raw = self._reward_model_scores(self.reward_params, tokens,
+                                    jnp.argmax(rollouts.response_mask_BxT, axis=1) + 1,
+                                    rollouts.last_index_B + 1)
     return (raw - self.reward_stats['mean']) / self.reward_stats['std']
 
   def _score_on_device(self, reference_params, arrays, rewards_B, kl_coef, value_params):

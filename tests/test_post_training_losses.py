@@ -2,6 +2,8 @@
 packed conversations against one per row, Bradley–Terry and its gradient analytically, and the
 reward model's read-out against the head applied by hand."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,7 +53,7 @@ def _random_params(model, seed):
 
   def draw(path, leaf):
     name = path[-1].key
-    if name == 'scale':
+    if name in ('scale', 'likelihood_scale'):
       return jnp.asarray(1 + 0.2 * rng.standard_normal(leaf.shape), jnp.float32)
     if name == 'bias':
       return jnp.full(leaf.shape, 0.3, jnp.float32)
@@ -70,7 +72,8 @@ def lm(config):
 @pytest.fixture(scope='module')
 def scalar(config):
   model = model_lib.ScalarHeadModel(config)
-  score = jax.jit(lambda params, tokens, last: reward.rewards(model, params, tokens, last))
+  # The head alone does not look at where the reply starts.
+  score = jax.jit(lambda params, tokens, last: reward.rewards(model, params, tokens, last, last))
   return model, _random_params(model, 1), score
 
 
@@ -262,6 +265,35 @@ def test_reward_is_the_head_on_the_last_tokens_hidden_state(scalar, pair_batch):
   assert np.all(np.abs(off - want) > 1e-3)
 
 
+def test_reply_likelihood_reward_adds_the_scaled_float64_reply_log_likelihood(config, pair_batch):
+  model = model_lib.ScalarHeadModel(config, reply_likelihood=True)
+  params = _random_params(model, 2)
+  params['likelihood_scale'] = jnp.float32(0.7)
+  tokens, start, last = (pair_batch['rejected'], pair_batch['rejected_start'],
+                         pair_batch['rejected_last'])
+  got = np.asarray(jax.jit(functools.partial(reward.rewards, model))(params, tokens, start, last))
+
+  # The head by hand, plus 0.7 x the reply's log-likelihood from the language model's own
+  # logits in float64, summed over tokens start..last.
+  hidden = np.asarray(jax.jit(_hidden, static_argnums=0)(model, params, jnp.asarray(tokens)),
+                      np.float64)
+  kernel = np.asarray(params['head']['kernel'], np.float64)[:, 0]
+  head = hidden[np.arange(len(last)), last] @ kernel + float(params['head']['bias'][0])
+  logits, _ = model_lib.Transformer(config).apply({'params': params['transformer']},
+                                                  jnp.asarray(tokens))
+  log_probs, _ = _log_softmax64(logits)
+  likelihood = np.array([sum(log_probs[row, t - 1, tokens[row, t]]
+                             for t in range(start[row], last[row] + 1))
+                         for row in range(len(last))])
+  assert np.all(start < last) and np.all(likelihood < -1)
+  # Sums of a few float32 log-probs ~6 each: ~1e-6 relative.
+  np.testing.assert_allclose(got, head + 0.7 * likelihood, rtol=0, atol=1e-4)
+  # One token more or less in the sum moves a reward by a whole token's log-probability.
+  shifted = np.asarray(jax.jit(functools.partial(reward.rewards, model))(params, tokens,
+                                                                         start - 1, last))
+  assert np.all(np.abs(shifted - got) > 1e-2)
+
+
 def test_reward_does_not_depend_on_the_padding(scalar, pair_batch, config):
   _, params, score = scalar
   tokens, last = pair_batch['chosen'], pair_batch['chosen_last']
@@ -288,3 +320,26 @@ def test_reward_model_loss_is_bradley_terry_of_separately_scored_rows(scalar, pa
   for key in want:
     np.testing.assert_allclose(float(sums[key]), float(want[key]), rtol=RTOL, atol=REWARD_ATOL,
                                err_msg=key)
+
+
+def test_pairwise_accuracy_per_kind_counts_each_kind_and_skips_padding(tokenizer):
+  pairs = data_lib.world_preference_pairs(world_lib.World(), 'heldout', 30,
+                                          {'wrong': 1, 'off_format': 1, 'rambling': 1}, seed=0)
+  pairs.append({**pairs[0], 'kind': 'from a JSONL file'})
+  batches = reward.padded_pair_batches(reward.pair_rows(tokenizer, pairs, SEQ_LEN, 'test'), 8)
+  assert len(pairs) % 8 and len(batches) == -(-len(pairs) // 8)  # the last batch is padded
+  rng = np.random.default_rng(0)
+  right = [rng.random(8) < 0.5 for _ in batches]
+  sums = jax.tree.map(lambda *x: sum(x), *[
+      reward.kind_counts(jnp.asarray(r, jnp.float32), b) for r, b in zip(right, batches)])
+  got = reward.pairwise_accuracy(7.0, 10.0, jax.device_get(sums))
+
+  flags = np.concatenate(right)[:len(pairs)]
+  want = {'eval/pairwise_accuracy': 0.7}
+  for kind in {p['kind'] for p in pairs} & set(reward.PAIR_KINDS):
+    chosen = [f for f, p in zip(flags, pairs) if p['kind'] == kind]
+    want[f'eval/pairwise_accuracy/{kind}'] = sum(chosen) / len(chosen)
+  assert len(want) >= 5  # several policy kinds and rejection kinds
+  assert got.keys() == want.keys()
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)

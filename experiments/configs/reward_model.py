@@ -9,8 +9,12 @@ def get_config():
   # Preference pairs of the built-in world: what the rejected reply is, in these proportions.
   c.data.rejection_proportions = dict(wrong=0.5, off_format=0.25, rambling=0.25)
   c.train.update(steps=300, batch_size=32, learning_rate=3e-4, warmup_steps=20)
+  # The reward adds a learned multiple of the reply's log-likelihood to the head's read-out
+  # (see ScalarHeadModel): held-out pairs with a wrong answer go from ~60% to ~80% right.
+  c.reply_likelihood = True
   c.loss_margin = 0.0
   c.loss_centering = 0.01  # keeps rewards centred on zero
-  c.eval = c.eval.__class__(dict(batch_size=64, batches=8, stats_pairs=1024))
+  # Every held-out pair is evaluated; reward statistics come from `stats_pairs` training pairs.
+  c.eval = c.eval.__class__(dict(batch_size=64, stats_pairs=1024))
   c.eval_at_start = False
   return c
