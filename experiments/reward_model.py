@@ -4,8 +4,10 @@ r"""Reward-model training on preference pairs (Bradley–Terry), and scoring.
       --workdir=runs/rm --config.init_workdir=runs/sft
   python -m experiments.reward_model --workdir=runs/rm --score=conversations.jsonl
 
-The backbone starts from the given workdir; a scalar head reads the reply's last token. At the
-end the mean and std of rewards over training pairs go to `reward_stats.json` for RL.
+The backbone starts from the given workdir; a scalar head reads the reply's last token, and by
+default a learned multiple of the reply's log-likelihood is added (`config.reply_likelihood`).
+Held-out pairwise accuracy is reported over all pairs and per kind of rejected reply. At the end
+the mean and std of rewards over training pairs go to `reward_stats.json` for RL.
 """
 
 import json

@@ -30,6 +30,7 @@ from jaxlm.data import shards
 
 def _validate(config):
   configs.validate(config, {'data.source': data_lib.SOURCES, 'algorithm': rl.ALGORITHMS,
+                            'critic': rl.CRITICS,
                             'reward': tuple(rl.REWARD_FUNCTIONS) + ('model',),
                             'kl_estimator': losses.KL_KINDS})
   if config.reward == 'model' and not config.reward_workdir:
@@ -61,9 +62,10 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     raise ValueError(f'config.rollout.prompt_len + max_new_tokens exceeds the model\'s '
                      f'max_seq_len ({config.model.max_seq_len})')
   configs.save(config, workdir)
-  # The critic starts as the reward model (when there is one), so it has its module.
+  # A separate critic starts as the reward model (when there is one), so it has its module.
   critic = (reward_lib.reward_model(config.reward_workdir, policy.config)
-            if config.reward == 'model' else model_lib.ScalarHeadModel(policy.config))
+            if config.reward == 'model' and config.critic == 'separate'
+            else model_lib.ScalarHeadModel(policy.config))
   prompts = post_training.examples(config.data, 'train', world, data_lib.prompt_from_record,
                                    data_lib.world_prompts)
   eval_prompts = post_training.examples(config.data, 'eval', world, data_lib.prompt_from_record,
@@ -89,17 +91,21 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     def init_params(rng):
       policy_rng, value_rng = jax.random.split(rng)
       params = {'policy': lm.init_params_fn(policy, 8)(policy_rng)}
-      if is_ppo:
+      if is_ppo and config.critic == 'shared':
+        params['value_head'] = lm.init_params_fn(critic, 8)(value_rng)['head']
+      elif is_ppo:
         params['value'] = lm.init_params_fn(critic, 8)(value_rng)
       return params
 
     load_policy = lm.params_loader(config.init_workdir)
 
     def load_params(params):
-      loaded = {'policy': load_policy(params['policy'])}
-      if is_ppo and config.reward_workdir:  # the critic starts as the reward model
+      loaded = {**params, 'policy': load_policy(params['policy'])}
+      if not is_ppo or config.critic == 'shared':  # a shared critic's head starts at zero
+        return loaded
+      if config.reward_workdir:  # the critic starts as the reward model
         loaded['value'] = lm.params_loader(config.reward_workdir)(params['value'])
-      elif is_ppo:  # or as the policy's backbone with a fresh head
+      else:  # or as the policy's backbone with a fresh head
         loaded['value'] = {**params['value'],
                            'transformer': load_policy(params['value']['transformer'])}
       return loaded

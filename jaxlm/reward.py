@@ -1,6 +1,8 @@
 """Reward models: preference pairs as padded rows, the Bradley–Terry loss, scoring.
 
-A conversation's reward is the scalar head's output at its last token (the reply's end-of-turn).
+A conversation's reward is the scalar head's output at its last token (the reply's end-of-turn),
+plus, with `config.reply_likelihood`, a learned multiple of the reply's log-likelihood under the
+backbone's language-model head (`model.ScalarHeadModel.reward`).
 """
 
 import json

@@ -27,6 +27,7 @@ from jaxlm import sampling
 from jaxlm import sharding
 
 ALGORITHMS = ('ppo', 'grpo')
+CRITICS = ('separate', 'shared')
 
 # Verifiable rewards: (reply, example) -> float. Add one with `@register_reward('name')`.
 REWARD_FUNCTIONS: dict[str, Callable[[str, dict], float]] = {}
@@ -130,6 +131,14 @@ def entropy(logits_BxTxV):
   return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
 
+def critic_params(params, rl_config):
+  """The critic's parameters: its own model (`critic='separate'`), or the policy's backbone
+  under a value head (`critic='shared'`: one transformer, trained by both losses)."""
+  if rl_config.critic == 'shared':
+    return {'transformer': params['policy'], 'head': params['value_head']}
+  return params['value']
+
+
 def make_loss(policy, critic, rl_config):
   """The minibatch loss of both algorithms: clipped policy objective, plus the KL penalty
   (GRPO) or the clipped value loss (PPO). Returns sums, like every jaxlm loss."""
@@ -150,7 +159,7 @@ def make_loss(policy, critic, rl_config):
     if rl_config.algorithm == 'grpo':
       total = total + batch['kl_coef'] * kl_sum
     else:
-      values = critic.apply({'params': params['value']}, batch['inputs'], None,
+      values = critic.apply({'params': critic_params(params, rl_config)}, batch['inputs'], None,
                             batch['segment_ids'])
       value_sums = losses.value_loss(values, batch['old_values'], batch['returns'], mask,
                                      rl_config.value_clip_eps)
@@ -292,8 +301,10 @@ class Scorer:
 
   def batch(self, state, rollouts: Rollouts, examples: list[dict], kl_coef: float):
     arrays = _arrays(rollouts)
+    value_params = (critic_params(state.params, self.config)
+                    if self.config.algorithm == 'ppo' else None)
     return self._score(self.reference_params, arrays, self.rewards(rollouts, examples),
-                       jnp.float32(kl_coef), state.params.get('value'))
+                       jnp.float32(kl_coef), value_params)
 
 
 def _arrays(rollouts: Rollouts) -> dict:

@@ -5,6 +5,8 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from experiments import rl as rl_binary
 from experiments import sft
 from jaxlm import chat
 from jaxlm import lm
+from jaxlm import model as model_lib
 from jaxlm import rl
 from jaxlm import sharding
 from jaxlm.data import world as world_lib
@@ -66,16 +69,58 @@ def _rewards(workdir):
     return [json.loads(line)['rollout/mean_reward'] for line in f if 'rollout/mean_reward' in line]
 
 
-@pytest.mark.parametrize('algorithm', ['grpo', 'ppo'])
-def test_rl_raises_the_mean_reward(sft_workdir, tmp_path, algorithm):
+@pytest.mark.parametrize('algorithm, critic', [('grpo', 'separate'), ('ppo', 'separate'),
+                                               ('ppo', 'shared')])
+def test_rl_raises_the_mean_reward(sft_workdir, tmp_path, algorithm, critic):
   config = tiny_config.rl_config(sft_workdir, steps=24, **{
-      'algorithm': algorithm, 'reward': 'letter_e', 'train.learning_rate': 3e-3,
-      'rollout.samples_per_prompt': 4, 'kl.coef': 0.0})
+      'algorithm': algorithm, 'critic': critic, 'reward': 'letter_e',
+      'train.learning_rate': 3e-3, 'rollout.samples_per_prompt': 4, 'kl.coef': 0.0})
   rl_binary.train_and_evaluate(config, str(tmp_path))
   rewards = _rewards(str(tmp_path))
   assert len(rewards) == 24
   # Rewards are noisy per step: compare the first and last quarters.
   assert np.mean(rewards[-6:]) > np.mean(rewards[:6]) + 0.05, rewards
+
+
+def test_a_shared_critic_is_a_separate_one_that_holds_the_policys_backbone():
+  config = model_lib.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=16)
+  policy, critic = model_lib.Transformer(config), model_lib.ScalarHeadModel(config)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  critic_params = critic.init(jax.random.PRNGKey(1), tokens)['params']
+  head = jax.tree.map(lambda x: x + 0.1, critic_params['head'])  # a zero head would hide it
+  backbone = policy.init(jax.random.PRNGKey(0), tokens)['params']
+  rng = np.random.default_rng(0)
+  shape = (4, 12)
+  mask = (np.arange(12) >= 3).astype(np.float32)[None].repeat(4, 0)
+  batch = {'inputs': rng.integers(3, 64, shape), 'targets': rng.integers(3, 64, shape),
+           'segment_ids': np.ones(shape, np.int32), 'mask': mask,
+           'old_log_probs': -rng.random(shape) * 4 * mask,
+           'ref_log_probs': -rng.random(shape) * 4 * mask,
+           'advantages': rng.standard_normal(shape) * mask,
+           'old_values': rng.standard_normal(shape) * mask,
+           'returns': rng.standard_normal(shape) * mask, 'kl_coef': 0.1}
+  batch = jax.tree.map(jnp.asarray, batch)
+  rl_config = ml_collections.ConfigDict(dict(
+      algorithm='ppo', clip_eps=0.2, value_clip_eps=0.2, value_coef=0.5, kl_estimator='k3'))
+
+  def loss_and_grads(kind, params):
+    with rl_config.unlocked():
+      rl_config.critic = kind
+    return jax.value_and_grad(rl.make_loss(policy, critic, rl_config), has_aux=True)(params,
+                                                                                     batch)
+  (shared, _), shared_grads = loss_and_grads('shared', {'policy': backbone, 'value_head': head})
+  (separate, sums), separate_grads = loss_and_grads(
+      'separate', {'policy': backbone, 'value': {**critic_params, 'transformer': backbone,
+                                                 'head': head}})
+  assert float(sums['value_loss']) > 1e-2  # the critic's part counts
+  np.testing.assert_allclose(float(shared), float(separate), rtol=1e-6)
+  # The shared backbone gets the policy's and the critic's gradients together.
+  both = jax.tree.map(jnp.add, separate_grads['policy'], separate_grads['value']['transformer'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               shared_grads['policy'], both)
+  jax.tree.map(np.testing.assert_array_equal, shared_grads['value_head'],
+               separate_grads['value']['head'])
 
 
 def test_dpo_runs_and_reports_preference_accuracy(sft_workdir, tmp_path):

@@ -13,9 +13,12 @@ def get_config() -> ml_collections.ConfigDict:
   c = sft.get_config()
   c.algorithm = 'grpo'  # grpo | ppo
   c.reward = 'exact_match'  # a name in jaxlm.rl.REWARD_FUNCTIONS, or 'model'
-  # The reward model (reward='model'). PPO's critic starts from it, or without it from the
-  # policy's backbone.
+  # The reward model (reward='model').
   c.reward_workdir = ''
+  # PPO's value function: a model of its own ('separate', starting as the reward model, or as the
+  # policy's backbone without one), or a value head on the policy's own backbone ('shared': half
+  # the parameters and optimizer state; the value loss then also trains the policy's layers).
+  c.critic = 'separate'
   # RL prompts: the world's questions kept apart from SFT and evaluation.
   c.data.update(num_train=20_000, num_eval=256, world_train_split='rl')
   c.rollout = ml_collections.ConfigDict(dict(
