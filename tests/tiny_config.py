@@ -51,7 +51,7 @@ def sft_config(init_workdir, steps=4, **overrides):
 
 def reward_config(init_workdir, steps=4, **overrides):
   c = reward_model.get_config()
-  c.eval.update(batches=1, batch_size=8, stats_pairs=16)
+  c.eval.update(batch_size=8, stats_pairs=16)
   return _post_training(c, init_workdir, steps, overrides)
 
 
@@ -75,6 +75,6 @@ def rl_config(init_workdir, steps=4, **overrides):
 
 def dpo_config(init_workdir, steps=4, **overrides):
   c = dpo.get_config()
-  c.eval.update(batches=1, batch_size=8, stats_pairs=16, num_prompts=8,
+  c.eval.update(batch_size=8, stats_pairs=16, num_prompts=8,
                 batch_size_generation=8, num_samples=0)
   return _post_training(c, init_workdir, steps, overrides)
