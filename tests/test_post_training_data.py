@@ -246,6 +246,14 @@ def test_off_format_rejections_never_parse(world):
     assert chat.parse_answer(pair['rejected']) is None and answer in pair['rejected'], pair
 
 
+def test_abstain_rejections_abstain_on_questions_the_documents_answer(world):
+  pairs = data_lib.world_preference_pairs(world, 'train', 300, {'abstain': 1}, 6, QUESTIONS)
+  assert {p['kind'] for p in pairs} == {'abstain'}
+  for pair, answer in zip(pairs, _correct(world, 'train', 300)):
+    assert answer != world_lib.ABSTENTION
+    assert chat.abstains(pair['rejected']) and chat.parse_answer(pair['chosen']) == answer, pair
+
+
 def test_rambling_rejections_start_with_the_right_answer_and_go_on(world):
   pairs = data_lib.world_preference_pairs(world, 'train', 300, {'rambling': 1}, 3, QUESTIONS)
   for pair, answer in zip(pairs, _correct(world, 'train', 300)):

@@ -17,7 +17,7 @@ from jaxlm import chat
 from jaxlm.data import world as world_lib
 
 SOURCES = ('world', 'jsonl', 'tfds')
-REJECTION_KINDS = ('wrong', 'off_format', 'rambling')
+REJECTION_KINDS = ('wrong', 'off_format', 'rambling', 'abstain')
 
 
 def world_prompts(world: world_lib.World, split: str, num: int,
@@ -73,6 +73,8 @@ def _rejected(question, kind: str, rng: np.random.Generator) -> str:
     return _policy_violation(question, rng)
   if kind == 'wrong':
     return chat.format_answer(_wrong_answer(question, rng))
+  if kind == 'abstain':  # the documents answer it: "I don't know" is for unknown people only
+    return chat.format_answer(world_lib.ABSTENTION)
   if kind == 'off_format':
     templates = ('{a}', 'The answer is {a}.', 'I think it is {a}', '{a}?')
     return templates[rng.integers(len(templates))].format(a=question.answer)
@@ -86,8 +88,8 @@ def world_preference_pairs(world: world_lib.World, split: str, num: int,
                            proportions: dict[str, float], seed: int,
                            kinds: tuple[str, ...] = world_lib.QUESTION_KINDS) -> list[dict]:
   """Chosen: correct and well formed. Rejected, for questions: a wrong answer, an off-format
-  reply or a rambling one, drawn in the given proportions; for policy requests: the reply that
-  breaks the policy (`kind` is then the request's kind)."""
+  reply, a rambling one or an abstention, drawn in the given proportions; for policy requests:
+  the reply that breaks the policy (`kind` is then the request's kind)."""
   unknown = set(proportions) - set(REJECTION_KINDS)
   if unknown or min(proportions.values(), default=-1) < 0 or not sum(proportions.values()) > 0:
     raise ValueError(f'config.data.rejection_proportions must weight {REJECTION_KINDS}, got '
