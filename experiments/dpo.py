@@ -39,7 +39,8 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   train_rows = reward.pair_rows(tokenizer, pairs['train'], seq_len, 'train')
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    with_reference = dpo.add_reference(model, lm.load_params(config.init_workdir, model, mesh))
+    with_reference = dpo.add_reference(model,
+                                       post_training.load_initial_params(config, model, mesh))
     eval_batches = []
     if pairs['eval']:
       eval_batches = [with_reference(sharding.put_batch(b, mesh))
@@ -70,7 +71,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
 
     stage = trainer.Stage(
         init_params=lm.init_params_fn(model, seq_len),
-        load_params=lm.params_loader(config.init_workdir),
+        load_params=lm.initial_params_loader(config),
         loss_fn=dpo.dpo_loss(model, config.beta, config.label_smoothing),
         train_batches=shards.ShardedBatches(
             lambda shard, num_shards, rows: reward.pair_batches(

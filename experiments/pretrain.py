@@ -24,10 +24,11 @@ from jaxlm.data import shards
 
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   configs.validate(config, {'data.source': pipeline.SOURCES})
+  tokenizer = lm.start_from_hf(config, workdir) if config.init_hf else None
   configs.save(config, workdir)
   train_docs, validation_docs = pipeline.text_sources(
       config.data, config.data.data_dir or os.path.join(workdir, 'tfds'))
-  tokenizer = lm.tokenizer_for(config, workdir, train_docs)
+  tokenizer = tokenizer or lm.tokenizer_for(config, workdir, train_docs)
   model = model_lib.Transformer(lm.model_config(config, tokenizer))
   mesh = sharding.make_mesh(config.mesh)
   metrics.log(f'{model.config.num_params():,} parameters; vocabulary {tokenizer.vocab_size} '
@@ -49,6 +50,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
       return evaluate_loss(params)
     stage = trainer.Stage(
         init_params=lm.init_params_fn(model, config.data.seq_len),
+        load_params=lm.initial_params_loader(config) if config.init_hf else None,
         loss_fn=trainer.language_model_loss(model, config.train.z_loss),
         train_batches=shards.ShardedBatches(
             lambda shard, num_shards, rows: pipeline.packed_batches(

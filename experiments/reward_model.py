@@ -77,7 +77,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     if pairs['eval']:
       evaluate_pairs = _pair_metrics(model, mesh, reward.padded_pair_batches(
           reward.pair_rows(tokenizer, pairs['eval'], seq_len, 'eval'), config.eval.batch_size))
-    load_backbone = lm.params_loader(config.init_workdir)
+    load_backbone = lm.initial_params_loader(config)
     stage = trainer.Stage(
         init_params=lm.init_params_fn(model, seq_len),
         load_params=lambda params: {**params, 'transformer': load_backbone(params['transformer'])},

@@ -75,7 +75,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
                      '"answer" (or use config.reward="model")')
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    reference = lm.load_params(config.init_workdir, policy, mesh)
+    reference = post_training.load_initial_params(config, policy, mesh)
     uses_reward_model = config.reward == 'model'
     scorer = rl.Scorer(
         config, policy, critic, critic, reference,
@@ -97,7 +97,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
         params['value'] = lm.init_params_fn(critic, 8)(value_rng)
       return params
 
-    load_policy = lm.params_loader(config.init_workdir)
+    load_policy = lm.initial_params_loader(config)
 
     def load_params(params):
       loaded = {**params, 'policy': load_policy(params['policy'])}

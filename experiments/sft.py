@@ -57,7 +57,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
                                                            config.eval)
     stage = trainer.Stage(
         init_params=lm.init_params_fn(model, seq_len),
-        load_params=lm.params_loader(config.init_workdir),
+        load_params=lm.initial_params_loader(config),
         loss_fn=trainer.language_model_loss(model, config.train.z_loss),
         train_batches=shards.ShardedBatches(
             lambda shard, num_shards, rows: data_lib.packed_conversation_batches(

@@ -1,17 +1,23 @@
 """The chat template, in one place: SFT, the reward model, RL and generation all use it.
 
+A model trained from scratch uses jaxlm's own template:
+
   [bos] <|system|> ... <|end_of_turn|> <|user|> ... <|end_of_turn|> <|assistant|> ... <|end_of_turn|>
 
 Role tokens are ids the tokenizer reserved (`jaxlm.tokenizer.CHAT_TOKENS`), so no text can fake
-them. The loss mask is 1 exactly on assistant content tokens and their end-of-turn token.
-Answers to the synthetic world's questions are expected in the form `Answer: <answer>`.
+them. A model imported from Hugging Face uses its checkpoint's own (Jinja) template, rendered by
+transformers. Either way the loss mask is 1 exactly on assistant content tokens and the
+end-of-turn token that closes them. Answers to the synthetic world's questions are expected in
+the form `Answer: <answer>`.
 """
 
+import functools
 import re
 
 import numpy as np
 
-from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.errors import UserError
+
 from jaxlm.data import world as world_lib
 
 ROLES = ('system', 'user', 'assistant')
@@ -26,16 +32,21 @@ def role_id(tokenizer, role: str) -> int:
 
 
 def end_of_turn_id(tokenizer) -> int:
-  return tokenizer.chat_ids['<|end_of_turn|>']
+  """The token that ends an assistant turn: where generation stops."""
+  if tokenizer.chat_template is None:
+    return tokenizer.chat_ids['<|end_of_turn|>']
+  return _template_end_of_turn(tokenizer)
 
 
 def encode(tokenizer, messages: list[dict], add_generation_prompt: bool = False):
   """(tokens, loss_mask) as int32 arrays of equal length.
 
-  With `add_generation_prompt` the sequence ends with the assistant role token, ready for the
+  With `add_generation_prompt` the sequence ends with the assistant's turn opened, ready for the
   model to write the reply.
   """
-  tokens, mask = [tokenizer_lib.BOS_ID], [0]
+  if tokenizer.chat_template is not None:
+    return _encode_with_template(tokenizer, messages, add_generation_prompt)
+  tokens, mask = [tokenizer.bos_id], [0]
   for message in messages:
     content = tokenizer.encode(message['content'])
     trained = int(message['role'] == 'assistant')
@@ -45,6 +56,57 @@ def encode(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     tokens.append(role_id(tokenizer, 'assistant'))
     mask.append(0)
   return np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+  return tokenizer.hf.apply_chat_template(messages, tokenize=False,
+                                          add_generation_prompt=add_generation_prompt)
+
+
+def _tokens_with_offsets(tokenizer, text: str):
+  encoded = tokenizer.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+  return encoded['input_ids'], [start for start, _ in encoded['offset_mapping']]
+
+
+@functools.lru_cache(maxsize=None)
+def _template_end_of_turn(tokenizer) -> int:
+  """The first special token the template writes after an assistant's reply."""
+  probe = [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Yes'}]
+  reply_start = len(_render(tokenizer, probe[:1], True))
+  special = set(tokenizer.hf.all_special_ids) | {
+      i for i, token in tokenizer.hf.added_tokens_decoder.items() if token.special}
+  ids, starts = _tokens_with_offsets(tokenizer, _render(tokenizer, probe, False))
+  after_reply = [i for i, start in zip(ids, starts) if start >= reply_start and i in special]
+  if not after_reply:
+    raise UserError(f'{tokenizer.path}: the chat template ends an assistant turn with no special '
+                    'token, so jaxlm cannot tell where a reply ends')
+  return after_reply[0]
+
+
+def _encode_with_template(tokenizer, messages, add_generation_prompt: bool):
+  """The checkpoint's template renders the whole conversation, tokenized at once (as
+  transformers does); each assistant turn is the text the template adds for it, found by
+  rendering the conversation up to it, and is trained up to its end-of-turn token."""
+  text = _render(tokenizer, messages, add_generation_prompt)
+  spans = []
+  for i, message in enumerate(messages):
+    if message['role'] == 'assistant':
+      before, through = (_render(tokenizer, messages[:i], True),
+                         _render(tokenizer, messages[:i + 1], False))
+      if not (text.startswith(before) and through.startswith(before)):
+        raise UserError(f'{tokenizer.path}: the chat template renders earlier turns differently '
+                        'once a conversation goes on, so jaxlm cannot mark the assistant tokens')
+      spans.append((len(before), len(through)))
+  tokens, starts = _tokens_with_offsets(tokenizer, text)
+  mask = np.zeros(len(tokens), np.int32)
+  end_of_turn = end_of_turn_id(tokenizer)
+  for begin, end in spans:
+    for j, (token, start) in enumerate(zip(tokens, starts)):
+      if begin <= start < end:
+        mask[j] = 1
+        if token == end_of_turn:
+          break
+  return np.asarray(tokens, np.int32), mask
 
 
 def format_answer(answer: str) -> str:

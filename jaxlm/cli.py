@@ -1,11 +1,15 @@
 """The command line every binary shares: `--config` (with `--config.a.b=v` overrides),
 `--workdir`, and the multi-process flags."""
 
+import contextlib
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from jaxlm import distributed
+from jaxlm import errors
 from jaxlm import metrics
 
 
@@ -39,6 +43,17 @@ def run(train_and_evaluate, default_config: str) -> None:
     del argv
     initialize_distributed()
     metrics.configure_logging()
-    train_and_evaluate(config.value, workdir.value)
+    with exit_on_user_error():
+      train_and_evaluate(config.value, workdir.value)
 
   app.run(main)
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+  """Ends the program with a `UserError`'s message as one line (exit status 2), no traceback."""
+  try:
+    yield
+  except errors.UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)

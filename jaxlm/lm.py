@@ -1,17 +1,20 @@
 """Language-model pieces shared by the binaries: tokenizer and model from a config, parameter
 initialisation, held-out evaluation (loss, bits per byte) and samples."""
 
+import json
 import math
 import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxlm import chat
 from jaxlm import checkpoint
 from jaxlm import configs
 from jaxlm import distributed
+from jaxlm import hf
 from jaxlm import losses
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
@@ -19,12 +22,13 @@ from jaxlm import sampling
 from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm import trainer
+from jaxlm.errors import UserError
 
 
 def tokenizer_for(config, workdir: str, train_documents) -> tokenizer_lib.Tokenizer:
   """The configured tokenizer; otherwise the workdir's; otherwise one trained from the data."""
   if config.tokenizer.path:
-    return tokenizer_lib.Tokenizer.load(config.tokenizer.path)
+    return tokenizer_lib.load(config.tokenizer.path)
   path = os.path.join(workdir, 'tokenizer.model')
 
   def load_or_train():
@@ -38,8 +42,19 @@ def tokenizer_for(config, workdir: str, train_documents) -> tokenizer_lib.Tokeni
 
 
 def model_config(config, tokenizer) -> model_lib.ModelConfig:
+  """The model of a config: an imported model keeps its checkpoint's vocabulary size (and
+  predicts every id, as it does there); jaxlm's own pads the vocabulary for sharding."""
+  if config.model.get('vocab_size'):
+    if tokenizer.vocab_size > config.model.vocab_size:
+      raise UserError(f'the tokenizer has {tokenizer.vocab_size} ids but the model\'s embedding '
+                      f'only {config.model.vocab_size}: they do not belong together')
+    return model_lib.ModelConfig.from_config(config.model, config.model.vocab_size)
   vocab = math.ceil(tokenizer.vocab_size / config.model.vocab_multiple) * config.model.vocab_multiple
   return model_lib.ModelConfig.from_config(config.model, vocab, tokenizer.vocab_size)
+
+
+def with_bos(tokenizer, ids: list[int]) -> list[int]:
+  return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
 
 
 def init_params_fn(model: model_lib.Transformer, seq_len: int):
@@ -100,14 +115,15 @@ def sampling_options(eval_config) -> dict:
 
 def complete(model, params, tokenizer, prompts: list, rng, *, max_new_tokens: int,
              temperature: float, top_k: int, top_p: float, batch_size: int,
-             eos_id: int = tokenizer_lib.EOS_ID) -> list[list[int]]:
-  """Generated ids (without eos) for each prompt (a list of ids).
+             eos_id: int | None = None) -> list[list[int]]:
+  """Generated ids (without eos; by default the tokenizer's) for each prompt (a list of ids).
 
   Prompts go in fixed-size batches padded to a multiple of 32 tokens, so repeated evaluations
   reuse one compiled sampler.
   """
   if not prompts:
     return []
+  eos_id = tokenizer.eos_id if eos_id is None else eos_id
   width = -(-max(len(p) for p in prompts) // 32) * 32
   results = []
   for start in range(0, len(prompts), batch_size):
@@ -127,7 +143,7 @@ def complete(model, params, tokenizer, prompts: list, rng, *, max_new_tokens: in
 
 def sample(model, params, tokenizer, prompts: list[str], rng, **options) -> list[str]:
   """Continuations of text `prompts` (each starts from bos), decoded up to eos."""
-  encoded = [[tokenizer_lib.BOS_ID] + tokenizer.encode(p) for p in prompts]
+  encoded = [with_bos(tokenizer, tokenizer.encode(p)) for p in prompts]
   return [tokenizer.decode(ids) for ids in complete(model, params, tokenizer, encoded, rng,
                                                     **options)]
 
@@ -144,8 +160,7 @@ def replies(model, params, tokenizer, conversations: list[list[dict]], rng,
 def load_workdir(workdir: str):
   """(config, tokenizer, model) of a finished run, to start a later stage from it."""
   config = configs.load(workdir)
-  tokenizer = tokenizer_lib.Tokenizer.load(
-      config.tokenizer.path or os.path.join(workdir, 'tokenizer.model'))
+  tokenizer = tokenizer_lib.load(config.tokenizer.path or tokenizer_lib.workdir_path(workdir))
   return config, tokenizer, model_lib.Transformer(model_config(config, tokenizer))
 
 
@@ -169,8 +184,50 @@ def params_loader(workdir: str):
 def load_params(workdir: str, model, mesh):
   """The newest verified params of `workdir` for `model`, sharded over `mesh` by the logical
   rules. Call under `jax.set_mesh(mesh)` and the rules."""
+  return params_loader(workdir)(abstract_params(model, mesh))
+
+
+def abstract_params(model, mesh):
   boxed = jax.eval_shape(init_params_fn(model, 1), jax.random.PRNGKey(0))
-  return params_loader(workdir)(trainer.abstract_params(boxed, mesh)[0])
+  return trainer.abstract_params(boxed, mesh)[0]
+
+
+HF_CONFIG = 'hf_config.json'  # a workdir's copy of the imported checkpoint's config.json
+
+
+def start_from_hf(config, workdir: str):
+  """The tokenizer of the Hugging Face checkpoint `config.init_hf`; `config.model` becomes its
+  architecture and `config.tokenizer` points at the workdir's copy of its tokenizer."""
+  directory = hf.resolve(config.init_hf)
+  hf_config = hf.read_config(directory)
+  fields = hf.model_fields(hf_config)
+  tokenizer = tokenizer_lib.HFTokenizer(directory)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    tokenizer.save(workdir)
+    with open(os.path.join(workdir, HF_CONFIG), 'w', encoding='utf-8') as f:
+      json.dump(hf_config, f, indent=2)
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict({**fields, 'family': hf_config['model_type']})
+    config.tokenizer = ml_collections.ConfigDict({'path': ''})
+  return tokenizer
+
+
+def initial_params_loader(config):
+  """params -> the parameters a run starts from: those of the Hugging Face checkpoint
+  `config.init_hf`, or of the newest checkpoint of `config.init_workdir`."""
+  if not config.get('init_hf'):
+    return params_loader(config.init_workdir)
+  directory = hf.resolve(config.init_hf)
+  model_config = model_lib.ModelConfig.from_config(config.model, config.model.vocab_size)
+
+  def load(like_params):
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_params)
+    params = hf.load_params(directory, config.model.family, model_config, abstract)
+    metrics_lib.log(f'Loaded the parameters of {directory}.')
+    return params
+  return load
 
 
 def sample_prompts(documents, tokenizer, num: int, prompt_tokens: int) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlm import losses
 
@@ -25,6 +26,9 @@ REMAT_POLICIES = {
     'dots_with_batch': jax.checkpoint_policies.dots_saveable,
 }
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn')
+MLP_ACTIVATIONS = {'silu': nn.silu, 'gelu_tanh': lambda x: nn.gelu(x, approximate=True)}
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
+LAYER_TYPES = ('global', 'local')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -48,12 +52,33 @@ class ModelConfig:
   attention_impl: str = 'xla'
   # Ids from here to vocab_size only pad the embedding for sharding: never predicted. 0: none.
   tokenizer_vocab_size: int = 0
+  # Switches of the released families jaxlm imports (`jaxlm.hf`); the defaults are Llama's.
+  qkv_bias: bool = False  # Qwen2: biases on the query, key and value projections
+  qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head's queries and keys
+  norm_zero_centered: bool = False  # Gemma: norms scale by (1 + weight)
+  post_norms: bool = False  # Gemma 3: also a norm on the attention and MLP outputs
+  embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
+  mlp_activation: str = 'silu'  # of the gate: silu (SwiGLU) or gelu_tanh (GeGLU)
+  query_scale: float = 0.0  # attention logits times this; 0: head_dim ** -0.5
+  rope_scaling: str = 'none'  # none | linear | llama3 (frequencies stretched for long context)
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_original_max_len: int = 8192  # llama3 only
+  # Local layers attend to the last `sliding_window` positions only; empty: every layer global.
+  layer_types: tuple[str, ...] = ()
+  sliding_window: int = 0
+  local_rope_theta: float = 0.0  # local layers' unscaled RoPE base; 0: the global RoPE
 
   @classmethod
   def from_config(cls, config, vocab_size: int, tokenizer_vocab_size: int = 0) -> 'ModelConfig':
     fields = {f.name for f in dataclasses.fields(cls)} - {'vocab_size', 'tokenizer_vocab_size'}
-    return cls(vocab_size=vocab_size, tokenizer_vocab_size=tokenizer_vocab_size,
-               **{k: config[k] for k in fields if k in config})
+    values = {k: tuple(config[k]) if isinstance(config[k], (list, tuple)) else config[k]
+              for k in fields if k in config}
+    return cls(vocab_size=vocab_size, tokenizer_vocab_size=tokenizer_vocab_size, **values)
+
+  def is_local(self, layer: int) -> bool:
+    return bool(self.layer_types) and self.layer_types[layer] == 'local'
 
   def num_params(self, include_embeddings: bool = True) -> int:
     attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
@@ -74,10 +99,11 @@ def _param(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
-def _dense(features, names, config, name):
-  return nn.Dense(features, use_bias=False, dtype=DTYPES[config.dtype],
+def _dense(features, names, config, name, use_bias=False):
+  return nn.Dense(features, use_bias=use_bias, dtype=DTYPES[config.dtype],
                   param_dtype=DTYPES[config.param_dtype],
-                  kernel_init=_param(nn.initializers.lecun_normal(), names), name=name)
+                  kernel_init=_param(nn.initializers.lecun_normal(), names),
+                  bias_init=_param(nn.initializers.zeros, names[1:]), name=name)
 
 
 class RMSNorm(nn.Module):
@@ -85,17 +111,36 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param('scale', _param(nn.initializers.ones, ('norm',)), (x.shape[-1],),
-                       DTYPES[self.config.param_dtype])
+    zero_centered = self.config.norm_zero_centered
+    scale = self.param('scale', _param(nn.initializers.zeros if zero_centered else
+                                       nn.initializers.ones, ('norm',)), (x.shape[-1],),
+                       DTYPES[self.config.param_dtype]).astype(jnp.float32)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)
-    return (x32 * scale).astype(DTYPES[self.config.dtype])
+    return (x32 * (1.0 + scale if zero_centered else scale)).astype(DTYPES[self.config.dtype])
 
 
-def rotary(x_BxLxNxH, positions_BxL, theta):
-  half = x_BxLxNxH.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BxLxH = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+def rope_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
+  """Inverse wavelengths [head_dim / 2] of the rotary embedding, as Hugging Face computes them."""
+  half = config.head_dim // 2
+  theta = config.local_rope_theta if local and config.local_rope_theta else config.rope_theta
+  inv_freq = theta ** (-np.arange(half, dtype=np.float64) / half)
+  if (local and config.local_rope_theta) or config.rope_scaling == 'none':
+    return inv_freq.astype(np.float32)
+  factor = config.rope_scaling_factor
+  if config.rope_scaling == 'linear':
+    return (inv_freq / factor).astype(np.float32)
+  # llama3: long wavelengths are stretched by `factor`, short ones kept, those between blended.
+  wavelength = 2 * np.pi / inv_freq
+  low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+  original = config.rope_original_max_len
+  smooth = np.clip((original / wavelength - low) / (high - low), 0.0, 1.0)
+  return ((1 - smooth) * inv_freq / factor + smooth * inv_freq).astype(np.float32)
+
+
+def rotary(x_BxLxNxH, positions_BxL, inv_freq_H):
+  """Rotates split halves (x[:H/2], x[H/2:]): the layout Hugging Face checkpoints store."""
+  angles_BxLxH = positions_BxL[..., None].astype(jnp.float32) * inv_freq_H
   sin, cos = jnp.sin(angles_BxLxH)[:, :, None], jnp.cos(angles_BxLxH)[:, :, None]
   x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -113,14 +158,25 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None, is_local=False):
+    """`is_local` (a bool, or a traced one under `nn.scan`) selects the sliding window and the
+    local RoPE."""
     c = self.config
     B, L, _ = x_BxLxD.shape
-    q = _dense(c.num_heads * c.head_dim, ('embed', 'heads'), c, 'query')(x_BxLxD)
-    k = _dense(c.num_kv_heads * c.head_dim, ('embed', 'kv_heads'), c, 'key')(x_BxLxD)
-    v = _dense(c.num_kv_heads * c.head_dim, ('embed', 'kv_heads'), c, 'value')(x_BxLxD)
-    q_BxLxNxH = rotary(q.reshape(B, L, c.num_heads, c.head_dim), positions_BxL, c.rope_theta)
-    k_BxLxKxH = rotary(k.reshape(B, L, c.num_kv_heads, c.head_dim), positions_BxL, c.rope_theta)
+    q = _dense(c.num_heads * c.head_dim, ('embed', 'heads'), c, 'query', c.qkv_bias)(x_BxLxD)
+    k = _dense(c.num_kv_heads * c.head_dim, ('embed', 'kv_heads'), c, 'key', c.qkv_bias)(x_BxLxD)
+    v = _dense(c.num_kv_heads * c.head_dim, ('embed', 'kv_heads'), c, 'value',
+               c.qkv_bias)(x_BxLxD)
+    q_BxLxNxH = q.reshape(B, L, c.num_heads, c.head_dim)
+    k_BxLxKxH = k.reshape(B, L, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:
+      q_BxLxNxH = RMSNorm(c, name='query_norm')(q_BxLxNxH)
+      k_BxLxKxH = RMSNorm(c, name='key_norm')(k_BxLxKxH)
+    inv_freq_H = jnp.asarray(rope_frequencies(c))
+    if c.layer_types:
+      inv_freq_H = jnp.where(is_local, rope_frequencies(c, local=True), inv_freq_H)
+    q_BxLxNxH = rotary(q_BxLxNxH, positions_BxL, inv_freq_H)
+    k_BxLxKxH = rotary(k_BxLxKxH, positions_BxL, inv_freq_H)
     v_BxLxKxH = v.reshape(B, L, c.num_kv_heads, c.head_dim)
     q_BxLxNxH = nn.with_logical_constraint(q_BxLxNxH, ('batch', 'length', 'act_heads', None))
 
@@ -137,8 +193,12 @@ class Attention(nn.Module):
       k_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
       k_seg = jnp.ones((B, S), segment_ids_BxL.dtype)  # stale slots are masked as future
     mask = attention_mask(positions_BxL, segment_ids_BxL, k_pos, k_seg)
+    if c.layer_types:
+      in_window = positions_BxL[:, :, None] - k_pos[:, None, :] < c.sliding_window
+      mask = mask & (in_window | jnp.logical_not(is_local))[:, None]
     out_BxLxNxH = jax.nn.dot_product_attention(
         q_BxLxNxH, keys.astype(q_BxLxNxH.dtype), values.astype(q_BxLxNxH.dtype), mask=mask,
+        scale=c.query_scale or None,
         implementation=c.attention_impl if c.attention_impl == 'cudnn' else None)
     out = out_BxLxNxH.reshape(B, L, c.num_heads * c.head_dim)
     return _dense(c.d_model, ('heads', 'embed'), c, 'out')(out), cache
@@ -152,7 +212,8 @@ class MLP(nn.Module):
     c = self.config
     gate = _dense(c.mlp_dim, ('embed', 'mlp'), c, 'gate')(x_BxLxD)
     up = _dense(c.mlp_dim, ('embed', 'mlp'), c, 'up')(x_BxLxD)
-    h_BxLxF = nn.with_logical_constraint(nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
+    h_BxLxF = nn.with_logical_constraint(MLP_ACTIVATIONS[c.mlp_activation](gate) * up,
+                                         ('batch', 'length', 'act_mlp'))
     return _dense(c.d_model, ('mlp', 'embed'), c, 'down')(h_BxLxF)
 
 
@@ -160,21 +221,26 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
-    attn_out, cache = Attention(self.config, name='attention')(
-        RMSNorm(self.config, name='attention_norm')(x_BxLxD), positions_BxL, segment_ids_BxL,
-        cache)
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None, is_local=False):
+    c = self.config
+    attn_out, cache = Attention(c, name='attention')(
+        RMSNorm(c, name='attention_norm')(x_BxLxD), positions_BxL, segment_ids_BxL, cache,
+        is_local)
+    if c.post_norms:
+      attn_out = RMSNorm(c, name='post_attention_norm')(attn_out)
     x_BxLxD = x_BxLxD + attn_out
-    x_BxLxD = x_BxLxD + MLP(self.config, name='mlp')(RMSNorm(self.config, name='mlp_norm')(x_BxLxD))
-    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'act_embed'))
+    mlp_out = MLP(c, name='mlp')(RMSNorm(c, name='mlp_norm')(x_BxLxD))
+    if c.post_norms:
+      mlp_out = RMSNorm(c, name='post_mlp_norm')(mlp_out)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD + mlp_out, ('batch', 'length', 'act_embed'))
     return x_BxLxD, cache
 
 
 class ScannedBlock(Block):
-  """`Block` with the (carry, per-layer input) signature `nn.scan` needs."""
+  """`Block` with the (carry, per-layer inputs) signature `nn.scan` needs."""
 
-  def __call__(self, x_BxLxD, layer_cache, positions_BxL, segment_ids_BxL):
-    return super().__call__(x_BxLxD, positions_BxL, segment_ids_BxL, layer_cache)
+  def __call__(self, x_BxLxD, layer_cache, is_local, positions_BxL, segment_ids_BxL):
+    return super().__call__(x_BxLxD, positions_BxL, segment_ids_BxL, layer_cache, is_local)
 
 
 class Transformer(nn.Module):
@@ -198,7 +264,7 @@ class Transformer(nn.Module):
     if c.scan_layers:
       self.layers = nn.scan(
           block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
-          in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers,
+          in_axes=(0, 0, nn.broadcast, nn.broadcast), length=c.num_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'})(c, name='layers')
     else:
       self.layers = [block_cls(c, name=f'layer_{i}') for i in range(c.num_layers)]
@@ -212,14 +278,19 @@ class Transformer(nn.Module):
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones_like(tokens_BxL)
-    x = nn.with_logical_constraint(self.embed(tokens_BxL), ('batch', 'length', 'act_embed'))
-    if self.config.scan_layers:
-      x, cache = self.layers(x, cache, positions_BxL, segment_ids_BxL)
+    c = self.config
+    x = self.embed(tokens_BxL)
+    if c.embed_scale:
+      x = x * jnp.asarray(c.d_model ** 0.5, DTYPES[c.dtype])
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    if c.scan_layers:
+      is_local_L = jnp.asarray([c.is_local(i) for i in range(c.num_layers)])
+      x, cache = self.layers(x, cache, is_local_L, positions_BxL, segment_ids_BxL)
     else:
       new_cache = []
       for i, layer in enumerate(self.layers):
         layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
-        x, layer_cache = layer(x, positions_BxL, segment_ids_BxL, layer_cache)
+        x, layer_cache = layer(x, positions_BxL, segment_ids_BxL, layer_cache, c.is_local(i))
         new_cache.append(layer_cache)
       if cache is not None:
         cache = jax.tree.map(lambda *a: jnp.stack(a), *new_cache)

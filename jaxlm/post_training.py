@@ -9,20 +9,31 @@ import jax
 from jaxlm import chat
 from jaxlm import lm
 from jaxlm import metrics
+from jaxlm import model as model_lib
+from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.data import post_training as data_lib
 from jaxlm.data import world as world_lib
 
 
 def start_from(config, workdir: str):
-  """(tokenizer, model, world config) of `config.init_workdir`; its tokenizer is copied into
-  `workdir` so the new run stands on its own."""
+  """(tokenizer, model, world) of the starting point: the Hugging Face checkpoint
+  `config.init_hf`, or the workdir `config.init_workdir`. Its tokenizer (and an imported
+  checkpoint's config.json) are copied into `workdir` so the new run stands on its own."""
+  if config.get('init_hf'):
+    tokenizer = lm.start_from_hf(config, workdir)
+    world = world_lib.World(world_lib.WorldConfig(seed=config.data.get('world_seed', 0)))
+    return tokenizer, model_lib.Transformer(lm.model_config(config, tokenizer)), world
   if not config.init_workdir:
-    raise ValueError('config.init_workdir must name the workdir to start from '
+    raise ValueError('config.init_workdir (or config.init_hf) must name what to start from '
                      '(e.g. --config.init_workdir=runs/tiny)')
   base_config, tokenizer, model = lm.load_workdir(config.init_workdir)
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, 'tokenizer.model')):
-    shutil.copy(tokenizer.path, os.path.join(workdir, 'tokenizer.model'))
+  if jax.process_index() == 0:
+    if not os.path.exists(tokenizer_lib.workdir_path(workdir)):
+      tokenizer.save(workdir)
+    hf_config = os.path.join(config.init_workdir, lm.HF_CONFIG)
+    if os.path.exists(hf_config):
+      shutil.copy(hf_config, os.path.join(workdir, lm.HF_CONFIG))
   with config.unlocked():
     config.model = base_config.model
     config.tokenizer = base_config.tokenizer
@@ -31,6 +42,11 @@ def start_from(config, workdir: str):
     config.data.world_seed = base_config.data.get('world_seed', 0)
   world = world_lib.World(world_lib.WorldConfig(seed=config.data.world_seed))
   return tokenizer, model, world
+
+
+def load_initial_params(config, model, mesh):
+  """The starting parameters (`lm.initial_params_loader`) for `model`, sharded over `mesh`."""
+  return lm.initial_params_loader(config)(lm.abstract_params(model, mesh))
 
 
 def examples(data_config, split: str, world, parse, world_examples) -> list[dict]:

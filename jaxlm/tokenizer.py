@@ -1,11 +1,17 @@
-"""SentencePiece tokenizer: trained from the training text into the workdir, or loaded.
+"""Tokenizers behind one interface: jaxlm's SentencePiece model (trained from the training text
+into the workdir, or loaded) and a Hugging Face checkpoint's tokenizer with its chat template.
 
-Ids 0-2 are pad, bos and eos. Ids 3.. are reserved control tokens for chat roles, so the chat
-template (SFT, reward model, RL) can use them without retraining the tokenizer.
+Both have `encode`, `decode`, `vocab_size`, `bos_id` (None where the model has none), `eos_id`,
+`pad_id`, `token_bytes` and `save`; `jaxlm.chat` renders conversations with either.
+
+In jaxlm's SentencePiece model ids 0-2 are pad, bos and eos, and ids 3.. are reserved control
+tokens for chat roles, so the chat template can use them without retraining the tokenizer.
 """
 
 import io
+import json
 import os
+import shutil
 
 import numpy as np
 import sentencepiece as spm
@@ -16,6 +22,9 @@ MODEL_TYPES = ('bpe', 'unigram', 'char')
 
 
 class Tokenizer:
+  """jaxlm's own SentencePiece tokenizer, with jaxlm's chat template (`chat_template` None)."""
+  bos_id, eos_id, pad_id = BOS_ID, EOS_ID, PAD_ID
+  chat_template = None
 
   def __init__(self, model_proto: bytes, path: str | None = None):
     self.path = path
@@ -60,6 +69,9 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return self.sp.get_piece_size()
 
+  def save(self, workdir: str) -> None:
+    shutil.copy(self.path, os.path.join(workdir, 'tokenizer.model'))
+
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(text)
 
@@ -78,3 +90,69 @@ class Tokenizer:
       else:
         sizes[i] = len(self.sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))
     return sizes
+
+
+HF_DIRECTORY = 'tokenizer'  # where a workdir keeps a Hugging Face tokenizer
+
+
+class HFTokenizer:
+  """A Hugging Face tokenizer (`tokenizer.json`, `tokenizer_config.json`) loaded with
+  transformers' tokenizer utilities (no torch needed), with the checkpoint's chat template."""
+
+  def __init__(self, directory: str):
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    from jaxlm.errors import UserError  # pylint: disable=g-import-not-at-top
+    try:
+      self.hf = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as e:
+      raise UserError(f'{directory}: no Hugging Face tokenizer could be loaded ({e})') from e
+    self.path = directory
+    self.chat_template = self.hf.chat_template
+    self.bos_id = self.hf.bos_token_id
+    self.eos_id = self.hf.eos_token_id
+    self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.eos_id
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.hf)
+
+  def encode(self, text: str) -> list[int]:
+    return self.hf.encode(text, add_special_tokens=False)
+
+  def decode(self, ids) -> str:
+    return self.hf.decode([int(i) for i in ids])
+
+  def save(self, workdir: str) -> None:
+    self.hf.save_pretrained(os.path.join(workdir, HF_DIRECTORY))
+
+  def token_bytes(self) -> np.ndarray:
+    """UTF-8 bytes each id stands for (0 for special tokens): the denominator of bits per byte.
+    Byte-level pieces map back through GPT-2's byte alphabet, SentencePiece-style pieces by
+    their text ('\u2581' a space, '<0x..>' one byte)."""
+    decoder = json.loads(self.hf.backend_tokenizer.to_str()).get('decoder') or {}
+    byte_level = decoder.get('type') == 'ByteLevel'
+    special = set(self.hf.all_special_ids)
+    sizes = np.zeros(self.vocab_size, np.int32)
+    for piece, i in self.hf.get_vocab().items():
+      if i in special or i >= self.vocab_size:
+        continue
+      if byte_level:
+        sizes[i] = len(piece)  # one character of the byte alphabet per byte
+      elif piece.startswith('<0x') and piece.endswith('>') and len(piece) == 6:
+        sizes[i] = 1
+      else:
+        sizes[i] = len(piece.replace('\u2581', ' ').encode('utf-8'))
+    return sizes
+
+
+def load(path: str):
+  """A Hugging Face tokenizer from a directory, jaxlm's SentencePiece model from a file."""
+  if os.path.isdir(path):
+    return HFTokenizer(path)
+  return Tokenizer.load(path)
+
+
+def workdir_path(workdir: str) -> str:
+  """Where a workdir keeps its tokenizer: a Hugging Face directory or a SentencePiece model."""
+  hf_path = os.path.join(workdir, HF_DIRECTORY)
+  return hf_path if os.path.isdir(hf_path) else os.path.join(workdir, 'tokenizer.model')

@@ -7,6 +7,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Continued pretraining of a Hugging Face checkpoint (a local directory, or a hub name, then
+  # downloaded): its architecture and tokenizer replace the model and tokenizer sections.
+  c.init_hf = ''
   c.log_every = 10
   c.eval_every = 200  # 0: only at the end
 

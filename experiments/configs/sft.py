@@ -12,6 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.init_workdir = ''  # the pretraining (or an earlier SFT) workdir to start from
+  # Or a Hugging Face checkpoint: a local directory, or a hub name (downloaded; needs network).
+  c.init_hf = ''
   c.log_every = 25
   c.eval_every = 100  # 0: only at the end
   c.eval_at_start = True  # evaluate the starting model first: the "before" numbers

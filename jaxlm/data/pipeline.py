@@ -13,7 +13,6 @@ import grain
 import grain.experimental as grain_experimental
 import numpy as np
 
-from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.data import tfds_builders
 
 SOURCES = ('world', 'text', 'tfds')
@@ -64,9 +63,10 @@ def _document_text(record) -> str:
 
 
 def tokenize_document(tokenizer, text: str) -> dict[str, np.ndarray]:
-  """[bos] doc [eos], shifted into aligned inputs and targets."""
-  ids = np.asarray([tokenizer_lib.BOS_ID] + tokenizer.encode(text) + [tokenizer_lib.EOS_ID],
-                   np.int32)
+  """[bos] doc [eos] (no bos for tokenizers without one), shifted into aligned inputs and
+  targets."""
+  bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  ids = np.asarray(bos + tokenizer.encode(text) + [tokenizer.eos_id], np.int32)
   return {'inputs': ids[:-1], 'targets': ids[1:]}
 
 
