@@ -96,10 +96,11 @@ def _rope(hf: dict, layer_type: str) -> dict[str, Any]:
   params = hf.get('rope_parameters')
   if isinstance(params, dict) and layer_type in params:  # one entry per layer type
     params = params[layer_type]
-  if not params:
-    params = dict(hf.get('rope_scaling') or {})
-    theta = hf.get('rope_local_base_freq') if layer_type == 'sliding_attention' else None
-    params['rope_theta'] = theta or hf.get('rope_theta', 10_000.0)
+  if not params:  # Gemma 3's local layers: their own base, never scaled
+    if layer_type == 'sliding_attention':
+      params = {'rope_theta': hf.get('rope_local_base_freq', 10_000.0)}
+    else:
+      params = {**(hf.get('rope_scaling') or {}), 'rope_theta': hf.get('rope_theta', 10_000.0)}
   kind = params.get('rope_type', params.get('type', 'default'))
   if kind not in ROPE_TYPES:
     raise UserError(f'config.json: rope type {kind!r} is not supported by jaxlm (supported: '
