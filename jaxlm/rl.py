@@ -13,6 +13,7 @@ objective:
 
 import dataclasses
 import functools
+import re
 from typing import Callable
 
 import jax
@@ -71,6 +72,43 @@ def exact_match_and_policy_reward(reply: str, example: dict) -> float:
   if kind == 'unknown' and not chat.abstains(reply):
     return -1.0
   return 0.0
+
+
+_BOXED = re.compile(r'\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}')
+_NUMBER = re.compile(r'-?\d[\d,]*(?:\.\d+)?|-?\.\d+')
+
+
+def final_math_answer(reply: str) -> str | None:
+  """The answer of a math reply: the last `\\boxed{...}`, else the `Answer:` format's answer,
+  else the last number in the text (thousands separators dropped)."""
+  boxed = _BOXED.findall(reply)
+  if boxed:
+    return boxed[-1].strip()
+  parsed = chat.parse_answer(reply.strip())
+  if parsed is not None:
+    return parsed
+  numbers = _NUMBER.findall(reply)
+  return numbers[-1].replace(',', '') if numbers else None
+
+
+def _as_number(text: str) -> float | None:
+  try:
+    return float(text.replace(',', '').strip().rstrip('.'))
+  except ValueError:
+    return None
+
+
+@register_reward('math')
+def math_reward(reply: str, example: dict) -> float:
+  """1 when the reply's final answer (`final_math_answer`) equals the reference, numerically
+  when both are numbers (12 and 12.0 agree, 1,200 and 1200 too), else as text."""
+  answer = final_math_answer(reply)
+  if answer is None:
+    return 0.0
+  got, want = _as_number(answer), _as_number(str(example['answer']))
+  if got is not None and want is not None:
+    return float(abs(got - want) <= 1e-6 * max(1.0, abs(want)))
+  return float(answer.strip().lower() == str(example['answer']).strip().lower())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,6 +72,12 @@ class Tokenizer:
   def save(self, workdir: str) -> None:
     shutil.copy(self.path, os.path.join(workdir, 'tokenizer.model'))
 
+  def save_hf(self, directory: str) -> None:
+    """Beside an exported checkpoint: the SentencePiece model itself (transformers 5 does not
+    convert it faithfully: no dummy prefix, identity normalisation, byte fallback)."""
+    os.makedirs(directory, exist_ok=True)
+    shutil.copy(self.path, os.path.join(directory, 'tokenizer.model'))
+
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(text)
 
@@ -100,8 +106,11 @@ class HFTokenizer:
   transformers' tokenizer utilities (no torch needed), with the checkpoint's chat template."""
 
   def __init__(self, directory: str):
-    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     from jaxlm.errors import UserError  # pylint: disable=g-import-not-at-top
+    try:
+      from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise UserError("Hugging Face tokenizers need transformers: pip install -e '.[hf]'") from e
     try:
       self.hf = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -124,6 +133,9 @@ class HFTokenizer:
 
   def save(self, workdir: str) -> None:
     self.hf.save_pretrained(os.path.join(workdir, HF_DIRECTORY))
+
+  def save_hf(self, directory: str) -> None:
+    self.hf.save_pretrained(directory)
 
   def token_bytes(self) -> np.ndarray:
     """UTF-8 bytes each id stands for (0 for special tokens): the denominator of bits per byte.

@@ -1,0 +1,147 @@
+"""Post-training an imported Hugging Face model end to end: SFT -> DPO -> GRPO on JSONL data
+through the checkpoint's own chat template and tokenizer, then export, reload and compare."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import dpo
+from experiments import pretrain
+from experiments import rl as rl_binary
+from experiments import sft
+from jaxlm import chat
+from jaxlm import hf
+from jaxlm import lm
+from jaxlm import model as model_lib
+from jaxlm import sharding
+from jaxlm import tokenizer as tokenizer_lib
+from tests import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QWEN2 = os.path.join(ROOT, 'tests', 'fixtures', 'hf', 'qwen2')
+
+
+def _write_jsonl(path, records):
+  path.write_text('\n'.join(json.dumps(r, ensure_ascii=False) for r in records) + '\n')
+  return str(path)
+
+
+def _sums(n, offset=0):
+  return [(f'What is {a} + {a + offset}?', str(2 * a + offset)) for a in range(1, n + 1)]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  d = tmp_path_factory.mktemp('jsonl')
+  return {
+      'sft': _write_jsonl(d / 'sft.jsonl', [{'prompt': q, 'response': f'Answer: {a}',
+                                             'answer': a} for q, a in _sums(48)]),
+      'sft_eval': _write_jsonl(d / 'sft_eval.jsonl', [{'prompt': q, 'response': f'Answer: {a}',
+                                                       'answer': a} for q, a in _sums(8, 3)]),
+      'pairs': _write_jsonl(d / 'pairs.jsonl', [
+          {'prompt': q, 'chosen': f'Answer: {a}', 'rejected': f'Answer: {int(a) + 1}'}
+          for q, a in _sums(32)]),
+      'prompts': _write_jsonl(d / 'prompts.jsonl', [{'prompt': q, 'answer': a}
+                                                    for q, a in _sums(16, 1)]),
+  }
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+def _jsonl(train, evaluation=''):
+  # Qwen's template adds a default system message: rows need room for it.
+  return {'data.source': 'jsonl', 'data.jsonl_train': train, 'data.jsonl_eval': evaluation,
+          'data.seq_len': 192}
+
+
+def _policy_logits(model, params, tokens):
+  return np.asarray(model.apply({'params': params}, jnp.asarray(tokens))[0])
+
+
+@pytest.fixture(scope='module')
+def stages(data, tmp_path_factory):
+  """The workdirs of SFT, DPO and GRPO (on the math reward), and the GRPO policy exported."""
+  root = tmp_path_factory.mktemp('stages')
+  dirs = {s: str(root / s) for s in ('sft', 'dpo', 'grpo', 'exported')}
+  sft.train_and_evaluate(tiny_config.sft_config(
+      '', steps=8, init_hf=QWEN2, **_jsonl(data['sft'], data['sft_eval'])), dirs['sft'])
+  dpo.train_and_evaluate(tiny_config.dpo_config(
+      dirs['sft'], steps=4, **_jsonl(data['pairs'], data['pairs'])), dirs['dpo'])
+  rl_binary.train_and_evaluate(tiny_config.rl_config(
+      dirs['dpo'], steps=3, reward='math', **{'rollout.prompt_len': 160},
+      **_jsonl(data['prompts'], data['prompts'])), dirs['grpo'])
+  result = subprocess.run([sys.executable, '-m', 'experiments.export_hf',
+                           f'--workdir={dirs["grpo"]}', f'--out={dirs["exported"]}'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  return dirs
+
+
+def _probe(tokenizer):
+  return np.asarray([chat.encode(tokenizer, [{'role': 'user', 'content': 'What is 2 + 2?'},
+                                             {'role': 'assistant', 'content': 'Answer: 4'}])[0]])
+
+
+def _exported_and_trained_logits(stages):
+  _, tokenizer, model = lm.load_workdir(stages['grpo'])
+  tokens = _probe(tokenizer)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    trained = lm.load_params(stages['grpo'], model, mesh)
+    exported = hf.load_params(stages['exported'], 'qwen2', model.config,
+                              lm.abstract_params(model, mesh))
+    return tokens, _policy_logits(model, exported, tokens), _policy_logits(model, trained, tokens)
+
+
+def test_every_stage_trains_through_the_checkpoints_template(stages):
+  records = _records(stages['sft'])
+  assert records[-1]['eval/loss'] < records[0]['eval/loss']  # the replies are being learnt
+  assert 'eval/exact_match' in records[-1]
+  tokenizer = tokenizer_lib.load(tokenizer_lib.workdir_path(stages['sft']))
+  assert tokenizer.chat_template == tokenizer_lib.load(QWEN2).chat_template
+  assert 0.0 <= _records(stages['dpo'])[-1]['eval/pairwise_accuracy'] <= 1.0
+  final = _records(stages['grpo'])[-1]
+  assert np.isfinite(final['train/loss']) and 'eval/mean_reward' in final
+
+
+def test_the_export_is_the_trained_policy(stages):
+  """Reimported, the exported Qwen2 checkpoint gives the GRPO policy's logits exactly, and its
+  tokenizer files render the chat template as the workdir's do."""
+  assert hf.read_config(stages['exported'])['model_type'] == 'qwen2'
+  _, exported, trained = _exported_and_trained_logits(stages)
+  np.testing.assert_array_equal(exported, trained)
+  conversation = [{'role': 'user', 'content': 'Hi'}]
+  ours = tokenizer_lib.load(tokenizer_lib.workdir_path(stages['grpo']))
+  assert (chat.encode(tokenizer_lib.load(stages['exported']), conversation)[0].tolist()
+          == chat.encode(ours, conversation)[0].tolist())
+
+
+def test_transformers_loads_the_export_with_the_same_logits(stages):
+  torch = pytest.importorskip('torch')  # the live comparison: pip install -e '.[hf-parity]'
+  import transformers  # pylint: disable=g-import-not-at-top
+  tokens, exported, _ = _exported_and_trained_logits(stages)
+  model = transformers.AutoModelForCausalLM.from_pretrained(stages['exported'],
+                                                            dtype=torch.float32).eval()
+  with torch.no_grad():
+    reference = model(torch.tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(exported, reference, rtol=0, atol=1e-4)
+
+
+def test_continued_pretraining_from_an_imported_model(tmp_path):
+  workdir = str(tmp_path / 'pretrain')
+  pretrain.train_and_evaluate(tiny_config.config(steps=4, init_hf=QWEN2), workdir)
+  records = _records(workdir)
+  assert np.isfinite(records[-1]['eval/bits_per_byte'])
+  config, _, model = lm.load_workdir(workdir)
+  assert config.model.family == 'qwen2' and model.config.qkv_bias
+  assert model.config == model_lib.ModelConfig(**hf.model_fields(hf.read_config(QWEN2)))
