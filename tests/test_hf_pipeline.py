@@ -14,6 +14,7 @@ import pytest
 
 from experiments import dpo
 from experiments import pretrain
+from experiments import reward_model
 from experiments import rl as rl_binary
 from experiments import sft
 from jaxlm import chat
@@ -145,3 +146,55 @@ def test_continued_pretraining_from_an_imported_model(tmp_path):
   config, _, model = lm.load_workdir(workdir)
   assert config.model.family == 'qwen2' and model.config.qkv_bias
   assert model.config == model_lib.ModelConfig(**hf.model_fields(hf.read_config(QWEN2)))
+
+
+def test_reward_model_and_ppo_start_from_an_imported_model(data, tmp_path):
+  """The reward model's backbone, and PPO's policy, reference and critic, all from init_hf."""
+  rm_dir, ppo_dir = str(tmp_path / 'rm'), str(tmp_path / 'ppo')
+  reward_model.train_and_evaluate(tiny_config.reward_config(
+      '', steps=3, init_hf=QWEN2, **_jsonl(data['pairs'], data['pairs'])), rm_dir)
+  assert 0.0 <= _records(rm_dir)[-1]['eval/pairwise_accuracy'] <= 1.0
+  rl_binary.train_and_evaluate(tiny_config.rl_config(
+      '', steps=2, init_hf=QWEN2, algorithm='ppo', reward='model', reward_workdir=rm_dir,
+      **{'rollout.prompt_len': 160}, **_jsonl(data['prompts'], data['prompts'])), ppo_dir)
+  final = _records(ppo_dir)[-1]
+  assert np.isfinite(final['train/loss']) and np.isfinite(final['eval/kl'])
+
+
+def test_a_model_trained_from_scratch_exports_as_llama(tmp_path):
+  workdir, out = str(tmp_path / 'tiny'), str(tmp_path / 'exported')
+  pretrain.train_and_evaluate(tiny_config.config(steps=2), workdir)
+  result = subprocess.run([sys.executable, '-m', 'experiments.export_hf', f'--workdir={workdir}',
+                           f'--out={out}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  _, tokenizer, model = lm.load_workdir(workdir)
+  hf_config = hf.read_config(out)
+  assert hf_config['model_type'] == 'llama'
+  assert hf_config['vocab_size'] == tokenizer.vocab_size < model.config.vocab_size  # unpadded
+  assert os.path.exists(os.path.join(out, 'tokenizer.model'))
+  exported_config = model_lib.ModelConfig(**hf.model_fields(hf_config))
+  exported_model = model_lib.Transformer(exported_config)
+  tokens = np.asarray([lm.with_bos(tokenizer, tokenizer.encode('Gemo Kiges lives in'))])
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    trained = lm.load_params(workdir, model, mesh)
+    exported = hf.load_params(out, 'llama', exported_config,
+                              lm.abstract_params(exported_model, mesh))
+    ours = _policy_logits(model, trained, tokens)[..., :tokenizer.vocab_size]
+    np.testing.assert_array_equal(_policy_logits(exported_model, exported, tokens), ours)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  reference = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(reference(torch.tensor(tokens)).logits.numpy(), ours, atol=1e-4)
+
+
+def test_a_hub_name_without_network_is_one_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf_home'))
+  with pytest.raises(hf.UserError, match="config.init_hf: 'Qwen/Qwen2.5-0.5B' is not a local "
+                                         'directory and could not be fetched'):
+    hf.resolve('Qwen/Qwen2.5-0.5B')
