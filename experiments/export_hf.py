@@ -6,8 +6,11 @@ Writes `config.json`, safetensors (one file, or shards of `--max_shard_gb` with 
 the tokenizer files, so that `transformers.AutoModelForCausalLM.from_pretrained(out)` loads it.
 A model imported from Hugging Face goes back as its own family, with its tokenizer and chat
 template; one jaxlm trained from scratch as Llama, beside its SentencePiece `tokenizer.model`.
-An RL workdir exports its policy. The vocabulary padding jaxlm adds for sharding is
-removed; tied embeddings stay tied.
+An RL workdir exports its policy. A reward model (trained with `--config.reply_likelihood=false`)
+exports as a `*ForSequenceClassification` model whose score, at the last token of a conversation
+ending in the reply's end-of-turn token, plus `jaxlm_score_bias` from its config.json, is
+jaxlm's reward. The vocabulary padding jaxlm adds for sharding is removed; tied embeddings stay
+tied.
 """
 
 import json
@@ -28,10 +31,13 @@ from jaxlm.errors import UserError
 
 
 def export(workdir: str, out: str, max_shard_bytes: int) -> None:
-  if os.path.exists(os.path.join(workdir, reward.STATS_FILE)):
-    raise UserError(f'{workdir} is a reward model: only language models (pretraining, SFT, DPO, '
-                    'RL) export to Hugging Face')
   config, tokenizer, model = lm.load_workdir(workdir)
+  is_reward_model = os.path.exists(os.path.join(workdir, reward.STATS_FILE))
+  if is_reward_model and config.get('reply_likelihood'):
+    raise UserError(f'{workdir}: this reward model adds the reply\'s log-likelihood to its head '
+                    '(config.reply_likelihood), which a Hugging Face sequence-classification '
+                    'model cannot compute; train it with --config.reply_likelihood=false to '
+                    'export it')
   hf_config_path = os.path.join(workdir, lm.HF_CONFIG)
   if os.path.exists(hf_config_path):
     with open(hf_config_path, encoding='utf-8') as f:
@@ -40,8 +46,14 @@ def export(workdir: str, out: str, max_shard_bytes: int) -> None:
     hf_config = hf.llama_config(model.config, tokenizer)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    params = lm.load_params(workdir, model, mesh)
-    hf.export(out, params, hf_config['model_type'], model.config, hf_config, max_shard_bytes)
+    if is_reward_model:
+      scorer = reward.reward_model(workdir, model.config)
+      params = lm.load_params(workdir, scorer, mesh)
+      hf.export(out, params['transformer'], hf_config['model_type'], model.config, hf_config,
+                max_shard_bytes, score_head=params['head'])
+    else:
+      hf.export(out, lm.load_params(workdir, model, mesh), hf_config['model_type'],
+                model.config, hf_config, max_shard_bytes)
   if jax.process_index() == 0:
     tokenizer.save_hf(out)
   metrics.log(f'Wrote the {hf_config["model_type"]} checkpoint of {workdir} to {out}.')

@@ -317,7 +317,7 @@ def load_params(directory: str, family: str, config: model_lib.ModelConfig, abst
         part = np.stack([read(names[i], index[1:]) for i in layers])
       else:
         part = read(names[0], index)
-      return part.astype(like.dtype)
+      return part.astype(like.dtype, copy=False)
 
     return jax.make_array_from_callback(like.shape, like.sharding, callback)
 
@@ -335,13 +335,32 @@ def _host(array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+SEQUENCE_CLASSIFIERS = {'llama': 'LlamaForSequenceClassification',
+                        'mistral': 'MistralForSequenceClassification',
+                        'qwen2': 'Qwen2ForSequenceClassification',
+                        'qwen3': 'Qwen3ForSequenceClassification',
+                        'gemma3_text': 'Gemma3TextForSequenceClassification'}
+
+
 def export(directory: str, params, family: str, config: model_lib.ModelConfig, hf_config: dict,
-           max_shard_bytes: int = 2 << 30) -> None:
+           max_shard_bytes: int = 2 << 30, score_head=None) -> None:
   """Writes `config.json` and safetensors shards (with an index when there are several).
-  Embedding rows past `config.tokenizer_vocab_size` (jaxlm's sharding padding) are dropped."""
+  Embedding rows past `config.tokenizer_vocab_size` (jaxlm's sharding padding) are dropped.
+
+  With `score_head` (a reward model's head params, `params` its backbone) the checkpoint is a
+  `*ForSequenceClassification` model: `score.weight` instead of the language-model head, and
+  the head's bias (a constant that shifts every reward alike) as `jaxlm_score_bias`.
+  """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   vocab = config.tokenizer_vocab_size or config.vocab_size
   table = _tensor_table(family, config)
+  if score_head is not None:
+    table.pop('unembed/kernel', None)
+    params = {**params, 'score': score_head['kernel']}
+    table['score'] = ('score.weight', True)
+    hf_config = {**hf_config, 'architectures': [SEQUENCE_CLASSIFIERS[family]], 'num_labels': 1,
+                 'id2label': {'0': 'LABEL_0'}, 'label2id': {'LABEL_0': 0},
+                 'jaxlm_score_bias': float(np.asarray(_host(score_head['bias']))[0])}
   flat = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   main = jax.process_index() == 0
   shards, current, current_bytes = [], {}, 0

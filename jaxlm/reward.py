@@ -31,11 +31,14 @@ PAIR_KINDS = data_lib.REJECTION_KINDS + world_lib.POLICY_KINDS
 
 def encode_scored(tokenizer, messages: list[dict], seq_len: int):
   """(tokens padded to seq_len, last index, index of the reply's first token) of a conversation
-  ending in the reply scored; None when it does not fit."""
+  ending in the reply scored; None when it does not fit. The row ends at the reply's end-of-turn
+  token (a template may write more after it), which is where RL reads the rewards of sampled
+  replies too."""
   tokens, mask = chat.encode(tokenizer, messages)
-  if len(tokens) > seq_len:
+  last = len(mask) - 1 - int(np.argmax(mask[::-1]))
+  if last + 1 > seq_len:
     return None
-  return np.pad(tokens, (0, seq_len - len(tokens))), len(tokens) - 1, int(np.argmax(mask))
+  return np.pad(tokens[:last + 1], (0, seq_len - last - 1)), last, int(np.argmax(mask))
 
 
 def pair_rows(tokenizer, pairs: list[dict], seq_len: int, what: str) -> list[dict]:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from experiments import dpo
 from experiments import pretrain
@@ -21,6 +22,7 @@ from jaxlm import chat
 from jaxlm import hf
 from jaxlm import lm
 from jaxlm import model as model_lib
+from jaxlm import reward
 from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
 from tests import tiny_config
@@ -198,3 +200,54 @@ def test_a_hub_name_without_network_is_one_clear_error(tmp_path, monkeypatch):
   with pytest.raises(hf.UserError, match="config.init_hf: 'Qwen/Qwen2.5-0.5B' is not a local "
                                          'directory and could not be fetched'):
     hf.resolve('Qwen/Qwen2.5-0.5B')
+
+
+def test_a_reward_model_exports_as_a_sequence_classifier(data, tmp_path):
+  rm_dir, out = str(tmp_path / 'rm'), str(tmp_path / 'exported')
+  reward_model.train_and_evaluate(tiny_config.reward_config(
+      '', steps=3, init_hf=QWEN2, reply_likelihood=False,
+      **_jsonl(data['pairs'], data['pairs'])), rm_dir)
+  result = subprocess.run([sys.executable, '-m', 'experiments.export_hf', f'--workdir={rm_dir}',
+                           f'--out={out}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  exported_config = hf.read_config(out)
+  assert exported_config['architectures'] == ['Qwen2ForSequenceClassification']
+  tensors = {}
+  for name in os.listdir(out):
+    if name.endswith('.safetensors'):
+      tensors.update(load_file(os.path.join(out, name)))
+  assert 'lm_head.weight' not in tensors
+  _, _, base = lm.load_workdir(rm_dir)
+  scorer = reward.reward_model(rm_dir, base.config)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    head = jax.device_get(lm.load_params(rm_dir, scorer, mesh)['head'])
+  np.testing.assert_array_equal(tensors['score.weight'], head['kernel'].T)
+  assert exported_config['jaxlm_score_bias'] == float(head['bias'][0])
+
+  conversation = [{'role': 'user', 'content': 'What is 3 + 4?'},
+                  {'role': 'assistant', 'content': 'Answer: 7'}]
+  expected = reward.score(rm_dir, [conversation])[0]['reward']
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  tokenizer = tokenizer_lib.load(out)
+  tokens, last, _ = reward.encode_scored(tokenizer, conversation, 256)
+  classifier = transformers.AutoModelForSequenceClassification.from_pretrained(
+      out, dtype=torch.float32).eval()
+  with torch.no_grad():
+    score = float(classifier(torch.tensor([tokens[:last + 1]])).logits[0, 0])
+  np.testing.assert_allclose(score + exported_config['jaxlm_score_bias'], expected, atol=1e-4)
+
+
+def test_a_likelihood_reward_model_refuses_to_export_in_one_line(data, tmp_path):
+  rm_dir = str(tmp_path / 'rm')
+  reward_model.train_and_evaluate(tiny_config.reward_config(
+      '', steps=1, init_hf=QWEN2, **_jsonl(data['pairs'])), rm_dir)
+  result = subprocess.run([sys.executable, '-m', 'experiments.export_hf', f'--workdir={rm_dir}',
+                           f'--out={tmp_path / "out"}'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert 'config.reply_likelihood' in result.stderr.strip().splitlines()[-1]
