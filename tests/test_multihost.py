@@ -154,3 +154,18 @@ def test_a_shard_count_that_does_not_fit_is_an_error_naming_the_field(monkeypatc
   state = batches.get_state()
   with pytest.raises(ValueError, match='set config.data.num_shards=2 to resume'):
     shards.ShardedBatches(_row_batches, 4, 8, mesh).set_state(state)
+
+
+@pytest.mark.slow
+def test_an_imported_model_loads_and_trains_on_two_processes_like_one(tmp_path):
+  """Each process reads only the slices of the Hugging Face checkpoint its devices hold; SFT
+  from it on 2 processes x 4 devices (FSDP) gives the losses of 1 process x 8 devices."""
+  checkpoint = os.path.join(ROOT, 'tests', 'fixtures', 'hf', 'qwen2')
+  overrides = (f'--config.init_hf={checkpoint}', '--config.data.seq_len=192',
+               '--config.mesh.data=1', '--config.mesh.fsdp=-1', '--config.train.steps=3',
+               '--config.eval.num_prompts=0')
+  two, _ = _run('sft', 'sft', tmp_path / 'two', 2, 4, *overrides)
+  one, _ = _run('sft', 'sft', tmp_path / 'one', 1, 8, *overrides)
+  assert sorted(two) == [1, 2, 3]
+  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
+                             rtol=1e-5)
