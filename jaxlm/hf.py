@@ -428,8 +428,9 @@ def resolve(name_or_path: str) -> str:
   """A local checkpoint directory as is; otherwise a hub name, downloaded (needs network)."""
   if os.path.isdir(name_or_path):
     return name_or_path
-  if os.path.sep in name_or_path.strip('/') and name_or_path.startswith(('/', '.')):
-    raise UserError(f'config.init_hf: no such directory {name_or_path}')
+  if name_or_path.startswith(('/', '.', '~')) or name_or_path.count('/') != 1:
+    raise UserError(f'config.init_hf: no such directory {name_or_path} (a hub name is '
+                    'owner/name)')
   from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
   try:
     return snapshot_download(name_or_path, allow_patterns=[

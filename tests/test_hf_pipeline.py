@@ -251,3 +251,8 @@ def test_a_likelihood_reward_model_refuses_to_export_in_one_line(data, tmp_path)
                           text=True, timeout=300)
   assert result.returncode == 2 and 'Traceback' not in result.stderr
   assert 'config.reply_likelihood' in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_missing_local_checkpoint_is_named():
+  with pytest.raises(hf.UserError, match='config.init_hf: no such directory /no/such/model'):
+    hf.resolve('/no/such/model')
