@@ -45,13 +45,13 @@ def validate(config: ml_collections.ConfigDict, choices: dict | None = None) -> 
   """
   for field, allowed in {**CHOICES, **(choices or {})}.items():
     value = _get(config, field)
-    if value is not _MISSING and value not in allowed:
+    if value is not _MISSING and value is not None and value not in allowed:
       raise ValueError(f'config.{field} must be one of {allowed}, got {value!r}')
   for field in POSITIVE:
     value = _get(config, field)
     if value is not _MISSING and not value > 0:
       raise ValueError(f'config.{field} must be positive, got {value!r}')
-  if 'model' in config:
+  if 'model' in config and 'num_heads' in config.model:  # not a stage's runtime choices alone
     _validate_model(config)
   if config.train.batch_size % config.train.grad_accum_steps:
     raise ValueError(f'config.train.batch_size ({config.train.batch_size}) must be divisible by '

@@ -19,14 +19,17 @@ def start_from(config, workdir: str):
   """(tokenizer, model, world) of the starting point: the Hugging Face checkpoint
   `config.init_hf`, or the workdir `config.init_workdir`. Its tokenizer (and an imported
   checkpoint's config.json) are copied into `workdir` so the new run stands on its own."""
+  runtime = {k: v for k, v in config.get('model', {}).items() if v is not None}
   if config.get('init_hf'):
     tokenizer = lm.start_from_hf(config, workdir)
+    with config.unlocked():
+      config.model.update(runtime)
     world = world_lib.World(world_lib.WorldConfig(seed=config.data.get('world_seed', 0)))
     return tokenizer, model_lib.Transformer(lm.model_config(config, tokenizer)), world
   if not config.init_workdir:
     raise ValueError('config.init_workdir (or config.init_hf) must name what to start from '
                      '(e.g. --config.init_workdir=runs/tiny)')
-  base_config, tokenizer, model = lm.load_workdir(config.init_workdir)
+  base_config, tokenizer, _ = lm.load_workdir(config.init_workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     if not os.path.exists(tokenizer_lib.workdir_path(workdir)):
@@ -36,12 +39,13 @@ def start_from(config, workdir: str):
       shutil.copy(hf_config, os.path.join(workdir, lm.HF_CONFIG))
   with config.unlocked():
     config.model = base_config.model
+    config.model.update(runtime)
     config.tokenizer = base_config.tokenizer
     config.tokenizer.path = ''
     # Carried from stage to stage, so every stage asks about the world pretraining read.
     config.data.world_seed = base_config.data.get('world_seed', 0)
   world = world_lib.World(world_lib.WorldConfig(seed=config.data.world_seed))
-  return tokenizer, model, world
+  return tokenizer, model_lib.Transformer(lm.model_config(config, tokenizer)), world
 
 
 def load_initial_params(config, model, mesh):

@@ -22,6 +22,7 @@ from jaxlm import chat
 from jaxlm import hf
 from jaxlm import lm
 from jaxlm import model as model_lib
+from jaxlm import post_training
 from jaxlm import reward
 from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
@@ -161,6 +162,12 @@ def test_reward_model_and_ppo_start_from_an_imported_model(data, tmp_path):
       **{'rollout.prompt_len': 160}, **_jsonl(data['prompts'], data['prompts'])), ppo_dir)
   final = _records(ppo_dir)[-1]
   assert np.isfinite(final['train/loss']) and np.isfinite(final['eval/kl'])
+  # Its reward adds the reply's likelihood, which no sequence classifier computes.
+  result = subprocess.run([sys.executable, '-m', 'experiments.export_hf', f'--workdir={rm_dir}',
+                           f'--out={tmp_path / "out"}'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert 'config.reply_likelihood' in result.stderr.strip().splitlines()[-1]
 
 
 def test_a_model_trained_from_scratch_exports_as_llama(tmp_path):
@@ -242,17 +249,15 @@ def test_a_reward_model_exports_as_a_sequence_classifier(data, tmp_path):
   np.testing.assert_allclose(score + exported_config['jaxlm_score_bias'], expected, atol=1e-4)
 
 
-def test_a_likelihood_reward_model_refuses_to_export_in_one_line(data, tmp_path):
-  rm_dir = str(tmp_path / 'rm')
-  reward_model.train_and_evaluate(tiny_config.reward_config(
-      '', steps=1, init_hf=QWEN2, **_jsonl(data['pairs'])), rm_dir)
-  result = subprocess.run([sys.executable, '-m', 'experiments.export_hf', f'--workdir={rm_dir}',
-                           f'--out={tmp_path / "out"}'], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-  assert result.returncode == 2 and 'Traceback' not in result.stderr
-  assert 'config.reply_likelihood' in result.stderr.strip().splitlines()[-1]
-
-
 def test_a_missing_local_checkpoint_is_named():
   with pytest.raises(hf.UserError, match='config.init_hf: no such directory /no/such/model'):
     hf.resolve('/no/such/model')
+
+
+def test_a_stage_may_change_how_the_imported_model_runs_not_what_it_is(tmp_path):
+  config = tiny_config.sft_config('', init_hf=QWEN2)
+  config.model.update(dtype='bfloat16', remat='full')
+  _, model, _ = post_training.start_from(config, str(tmp_path))
+  expected = model_lib.ModelConfig(**{**hf.model_fields(hf.read_config(QWEN2)),
+                                      'dtype': 'bfloat16', 'remat': 'full'})
+  assert model.config == expected

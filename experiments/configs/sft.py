@@ -4,6 +4,7 @@ The model and tokenizer come from that workdir; the loss counts assistant tokens
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from experiments.configs import base
 
@@ -14,6 +15,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_workdir = ''  # the pretraining (or an earlier SFT) workdir to start from
   # Or a Hugging Face checkpoint: a local directory, or a hub name (downloaded; needs network).
   c.init_hf = ''
+  # The starting point fixes the architecture; these choices of how to run it may change
+  # (unset: as it was), e.g. --config.model.dtype=bfloat16 --config.model.remat=full.
+  c.model = ml_collections.ConfigDict({
+      'scan_layers': placeholder(bool), 'remat': placeholder(str), 'dtype': placeholder(str),
+      'param_dtype': placeholder(str), 'attention_impl': placeholder(str)})
   c.log_every = 25
   c.eval_every = 100  # 0: only at the end
   c.eval_at_start = True  # evaluate the starting model first: the "before" numbers
