@@ -13,9 +13,7 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from jaxlm import cli
 from jaxlm import configs
@@ -98,7 +96,7 @@ def main(argv):
   del argv
   _INITIALIZE_DISTRIBUTED()
   metrics.configure_logging()
-  config = _CONFIG.value
+  config = cli.config_value(_CONFIG)
   result = benchmark(config, _STEPS.value, _VOCAB.value or config.tokenizer.vocab_size)
   if jax.process_index() == 0:
     print(json.dumps(result, indent=2))
@@ -106,10 +104,9 @@ def main(argv):
 
 if __name__ == '__main__':
   # Flags live here so that other programs (and tests) can import several binaries.
-  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/tiny.py',
-                                            'Path to a config file.')
+  _CONFIG = cli.define_config('experiments/configs/tiny.py')
   _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps, after one warm-up step.')
   _VOCAB = flags.DEFINE_integer('vocab_size', None,
                                 'Vocabulary size; default: config.tokenizer.vocab_size.')
   _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()
-  app.run(main)
+  cli.start(main)

@@ -21,9 +21,7 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from jaxlm import hf
 from jaxlm import lm
@@ -130,7 +128,7 @@ def load_and_report(config, directory: str, single_device: bool) -> dict:
 
 def main(argv):
   del argv
-  config, directory = _CONFIG.value, _DIR.value
+  config, directory = cli.config_value(_CONFIG), _DIR.value
   if _LOAD.value:
     print(json.dumps(load_and_report(config, directory, _LOAD.value == 'single')))
     return
@@ -155,11 +153,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/llama_1b.py',
-                                            'The model to write and load.')
+  _CONFIG = cli.define_config('experiments/configs/llama_1b.py', 'The model to write and load.')
   _DIR = flags.DEFINE_string('dir', None, 'Where the checkpoint is (written if absent).',
                              required=True)
   _LOAD = flags.DEFINE_enum('load', '', ['', 'mesh', 'single'],
                             'Internal: load once in this process onto the config\'s mesh or one '
                             'device, and print the measurement.')
-  app.run(main)
+  cli.start(main)

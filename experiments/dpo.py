@@ -21,12 +21,13 @@ from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import post_training as data_lib
 from jaxlm.data import shards
+from jaxlm.errors import UserError
 
 
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   configs.validate(config, {'data.source': data_lib.SOURCES})
   if config.train.grad_accum_steps != 1:
-    raise ValueError('config.train.grad_accum_steps must be 1 for DPO (reference log-probs are '
+    raise UserError('config.train.grad_accum_steps must be 1 for DPO (reference log-probs are '
                      'computed per batch); lower config.train.batch_size instead')
   tokenizer, model, world = post_training.start_from(config, workdir)
   configs.validate(config)

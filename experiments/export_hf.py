@@ -18,7 +18,6 @@ import os
 
 import flax.linen as nn
 import jax
-from absl import app
 from absl import flags
 
 from jaxlm import cli
@@ -62,8 +61,7 @@ def export(workdir: str, out: str, max_shard_bytes: int) -> None:
 def main(argv):
   del argv
   metrics.configure_logging()
-  with cli.exit_on_user_error():
-    export(_WORKDIR.value, _OUT.value, int(_MAX_SHARD_GB.value * (1 << 30)))
+  export(_WORKDIR.value, _OUT.value, int(_MAX_SHARD_GB.value * (1 << 30)))
 
 
 if __name__ == '__main__':
@@ -72,4 +70,4 @@ if __name__ == '__main__':
   _OUT = flags.DEFINE_string('out', None, 'Directory to write the Hugging Face checkpoint to.',
                              required=True)
   _MAX_SHARD_GB = flags.DEFINE_float('max_shard_gb', 2.0, 'Largest safetensors file, in GiB.')
-  app.run(main)
+  cli.start(main)

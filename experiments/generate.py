@@ -6,9 +6,9 @@ r"""Samples from the latest checkpoint of a workdir.
 
 import flax.linen as nn
 import jax
-from absl import app
 from absl import flags
 
+from jaxlm import cli
 from jaxlm import lm
 from jaxlm import metrics
 from jaxlm import sharding
@@ -37,4 +37,4 @@ if __name__ == '__main__':
   _TOP_K = flags.DEFINE_integer('top_k', 0, '0 keeps every token.')
   _TOP_P = flags.DEFINE_float('top_p', 0.95, '1 keeps every token.')
   _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-  app.run(main)
+  cli.start(main)

@@ -14,9 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from experiments import dpo
 from experiments import pretrain
@@ -24,7 +22,9 @@ from experiments import reward_model
 from experiments import rl as rl_binary
 from experiments import sft
 from jaxlm import dpo as dpo_lib
+from jaxlm import cli
 from jaxlm import lm
+from jaxlm import locking
 from jaxlm import metrics
 from jaxlm import reward
 from jaxlm import rl
@@ -43,7 +43,8 @@ def run_stages(config, workdir: str) -> dict[str, str]:
   dirs = {stage: os.path.join(workdir, stage)
           for stage in ('base', 'sft', 'reward_model', 'grpo', 'ppo', 'dpo')}
   metrics.log('== pretraining ==')
-  pretrain.train_and_evaluate(config.pretrain, dirs['base'])
+  with locking.hold(dirs['base']):
+    pretrain.train_and_evaluate(config.pretrain, dirs['base'])
   for stage, binary, init in (('sft', sft, 'base'), ('reward_model', reward_model, 'sft'),
                               ('grpo', rl_binary, 'sft'), ('ppo', rl_binary, 'sft'),
                               ('dpo', dpo, 'sft')):
@@ -53,7 +54,8 @@ def run_stages(config, workdir: str) -> dict[str, str]:
       stage_config.init_workdir = dirs[init]
       if 'reward_workdir' in stage_config:
         stage_config.reward_workdir = dirs['reward_model']
-    binary.train_and_evaluate(stage_config, dirs[stage])
+    with locking.hold(dirs[stage]):
+      binary.train_and_evaluate(stage_config, dirs[stage])
   return dirs
 
 
@@ -126,18 +128,18 @@ def format_table(summary) -> str:
 def main(argv):
   del argv
   metrics.configure_logging()
-  workdir = _WORKDIR.value
-  dirs = run_stages(_CONFIG.value, workdir)
-  summary = report(_CONFIG.value, dirs)
-  with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=2)
+  workdir, config = _WORKDIR.value, cli.config_value(_CONFIG)
+  with locking.hold(workdir):
+    dirs = run_stages(config, workdir)
+    summary = report(config, dirs)
+    with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
+      json.dump(summary, f, indent=2)
   print(format_table(summary))
   print(f'(also in {os.path.join(workdir, "summary.json")})')
 
 
 if __name__ == '__main__':
   # Flags live here so that other programs (and tests) can import several binaries.
-  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/pipeline.py',
-                                            'Path to a config file.')
+  _CONFIG = cli.define_config('experiments/configs/pipeline.py')
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/pipeline', 'Every stage writes below here.')
-  app.run(main)
+  cli.start(main)

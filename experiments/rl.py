@@ -26,6 +26,7 @@ from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import post_training as data_lib
 from jaxlm.data import shards
+from jaxlm.errors import UserError
 
 
 def _validate(config):
@@ -34,20 +35,20 @@ def _validate(config):
                             'reward': tuple(rl.REWARD_FUNCTIONS) + ('model',),
                             'kl_estimator': losses.KL_KINDS})
   if config.reward == 'model' and not config.reward_workdir:
-    raise ValueError('config.reward_workdir must name a reward-model workdir when '
+    raise UserError('config.reward_workdir must name a reward-model workdir when '
                      'config.reward is "model"')
   rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
   if rows % config.minibatches:
-    raise ValueError(f'config.rollout.prompts_per_step * samples_per_prompt ({rows}) must be '
+    raise UserError(f'config.rollout.prompts_per_step * samples_per_prompt ({rows}) must be '
                      f'divisible by config.minibatches ({config.minibatches})')
   if config.rollout.temperature != 1.0:
-    raise ValueError('config.rollout.temperature must be 1.0: the importance ratios and the KL '
+    raise UserError('config.rollout.temperature must be 1.0: the importance ratios and the KL '
                      'are taken under the policy itself, which is what samples at 1.0')
   if config.kl.adaptive and not (config.kl.target > 0 and config.kl.horizon > 0):
-    raise ValueError('config.kl.target and config.kl.horizon must be positive with '
+    raise UserError('config.kl.target and config.kl.horizon must be positive with '
                      'config.kl.adaptive')
   if config.algorithm == 'grpo' and config.rollout.samples_per_prompt < 2:
-    raise ValueError('config.rollout.samples_per_prompt must be >= 2 for GRPO (advantages are '
+    raise UserError('config.rollout.samples_per_prompt must be >= 2 for GRPO (advantages are '
                      'relative to the other replies to the same prompt)')
 
 
@@ -59,7 +60,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     config.train.grad_accum_steps = 1
   configs.validate(config)
   if config.rollout.prompt_len + config.rollout.max_new_tokens > config.model.max_seq_len:
-    raise ValueError(f'config.rollout.prompt_len + max_new_tokens exceeds the model\'s '
+    raise UserError(f'config.rollout.prompt_len + max_new_tokens exceeds the model\'s '
                      f'max_seq_len ({config.model.max_seq_len})')
   configs.save(config, workdir)
   # A separate critic starts as the reward model (when there is one), so it has its module.
@@ -71,7 +72,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   eval_prompts = post_training.examples(config.data, 'eval', world, data_lib.prompt_from_record,
                                         data_lib.world_prompts)
   if config.reward != 'model' and not all(p.get('answer') for p in prompts):
-    raise ValueError(f'config.reward={config.reward!r} checks answers: every RL prompt needs an '
+    raise UserError(f'config.reward={config.reward!r} checks answers: every RL prompt needs an '
                      '"answer" (or use config.reward="model")')
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):

@@ -23,6 +23,7 @@ from jaxlm import lm
 from jaxlm import metrics
 from jaxlm import scaling
 from jaxlm.data import pipeline
+from jaxlm.errors import UserError
 
 
 def run_configs(config, workdir: str,
@@ -33,7 +34,7 @@ def run_configs(config, workdir: str,
   runs = {}
   for d_model in ladder.d_models:
     if d_model % head_dim:
-      raise ValueError(f'config.ladder.d_models: {d_model} is not a multiple of '
+      raise UserError(f'config.ladder.d_models: {d_model} is not a multiple of '
                        f'config.model.head_dim ({head_dim})')
     for steps in ladder.steps:
       c = config.copy_and_resolve_references()
@@ -132,7 +133,7 @@ def fit_and_report(config, workdir: str, runs: list[dict]) -> dict:
 
 def main(config, workdir: str) -> dict | None:
   if not config.budget_flops > 0:
-    raise ValueError(f'config.budget_flops must be positive, got {config.budget_flops!r}')
+    raise UserError(f'config.budget_flops must be positive, got {config.budget_flops!r}')
   runs = train_ladder(config, workdir)
   return None if runs is None else fit_and_report(config, workdir, runs)
 

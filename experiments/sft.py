@@ -19,12 +19,13 @@ from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import post_training as data_lib
 from jaxlm.data import shards
+from jaxlm.errors import UserError
 
 
 def conversation_rows(tokenizer, examples, seq_len, what):
   rows, stats = data_lib.tokenize_conversations(tokenizer, examples, seq_len)
   if not rows:
-    raise ValueError(f'no {what} conversation has a reply token within {seq_len} tokens')
+    raise UserError(f'no {what} conversation has a reply token within {seq_len} tokens')
   metrics.log(f'{what}: {stats["conversations"]} conversations, {stats["truncated"]} truncated '
               f'to {seq_len} tokens, {stats["dropped"]} dropped (no reply token left).')
   return rows

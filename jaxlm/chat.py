@@ -27,7 +27,7 @@ _ANSWER = re.compile(r'Answer: (\S(?:.*\S)?)')
 
 def role_id(tokenizer, role: str) -> int:
   if role not in ROLES:
-    raise ValueError(f'message role must be one of {ROLES}, got {role!r}')
+    raise UserError(f'message role must be one of {ROLES}, got {role!r}')
   return tokenizer.chat_ids[f'<|{role}|>']
 
 

@@ -9,6 +9,7 @@ import ml_collections
 from jaxlm import model as model_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.data import tfds_builders
+from jaxlm.errors import UserError
 
 CHOICES = {
     'model.remat': tuple(model_lib.REMAT_POLICIES),
@@ -46,33 +47,33 @@ def validate(config: ml_collections.ConfigDict, choices: dict | None = None) -> 
   for field, allowed in {**CHOICES, **(choices or {})}.items():
     value = _get(config, field)
     if value is not _MISSING and value is not None and value not in allowed:
-      raise ValueError(f'config.{field} must be one of {allowed}, got {value!r}')
+      raise UserError(f'config.{field} must be one of {allowed}, got {value!r}')
   for field in POSITIVE:
     value = _get(config, field)
     if value is not _MISSING and not value > 0:
-      raise ValueError(f'config.{field} must be positive, got {value!r}')
+      raise UserError(f'config.{field} must be positive, got {value!r}')
   if 'model' in config and 'num_heads' in config.model:  # not a stage's runtime choices alone
     _validate_model(config)
   if config.train.batch_size % config.train.grad_accum_steps:
-    raise ValueError(f'config.train.batch_size ({config.train.batch_size}) must be divisible by '
+    raise UserError(f'config.train.batch_size ({config.train.batch_size}) must be divisible by '
                      f'config.train.grad_accum_steps ({config.train.grad_accum_steps})')
   if not 0.0 <= config.train.min_lr_ratio <= 1.0:
-    raise ValueError(f'config.train.min_lr_ratio must be in [0, 1], got {config.train.min_lr_ratio}')
+    raise UserError(f'config.train.min_lr_ratio must be in [0, 1], got {config.train.min_lr_ratio}')
   needed = NEEDED_BY_SOURCE.get(config.data.source)
   if needed and not _get(config, needed):
-    raise ValueError(f'config.{needed} must be set when config.data.source is '
+    raise UserError(f'config.{needed} must be set when config.data.source is '
                      f'{config.data.source!r}')
 
 
 def _validate_model(config) -> None:
   m = config.model
   if m.num_heads % m.num_kv_heads:
-    raise ValueError(f'config.model.num_heads ({m.num_heads}) must be a multiple of '
+    raise UserError(f'config.model.num_heads ({m.num_heads}) must be a multiple of '
                      f'config.model.num_kv_heads ({m.num_kv_heads})')
   if m.head_dim % 2:
-    raise ValueError(f'config.model.head_dim must be even for rotary embeddings, got {m.head_dim}')
+    raise UserError(f'config.model.head_dim must be even for rotary embeddings, got {m.head_dim}')
   if config.data.seq_len > m.max_seq_len:
-    raise ValueError(f'config.data.seq_len ({config.data.seq_len}) exceeds '
+    raise UserError(f'config.data.seq_len ({config.data.seq_len}) exceeds '
                      f'config.model.max_seq_len ({m.max_seq_len})')
 
 
@@ -87,6 +88,6 @@ def save(config: ml_collections.ConfigDict, workdir: str) -> None:
 def load(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'no config.json in {workdir}: is it a jaxlm workdir?')
+    raise UserError(f'no config.json in {workdir}: is it a jaxlm workdir?')
   with open(path, encoding='utf-8') as f:
     return ml_collections.ConfigDict(json.load(f))

@@ -174,7 +174,7 @@ def params_loader(workdir: str):
     restored = checkpointer.restore_params(abstract_params)
     checkpointer.close()
     if restored is None:
-      raise FileNotFoundError(f'no usable checkpoint in {workdir}/checkpoints')
+      raise UserError(f'no usable checkpoint in {workdir}/checkpoints')
     params, step = restored
     metrics_lib.log(f'Loaded the parameters of {workdir} at step {step}.')
     return params

@@ -13,6 +13,7 @@ from jaxlm import model as model_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.data import post_training as data_lib
 from jaxlm.data import world as world_lib
+from jaxlm.errors import UserError
 
 
 def start_from(config, workdir: str):
@@ -27,7 +28,7 @@ def start_from(config, workdir: str):
     world = world_lib.World(world_lib.WorldConfig(seed=config.data.get('world_seed', 0)))
     return tokenizer, model_lib.Transformer(lm.model_config(config, tokenizer)), world
   if not config.init_workdir:
-    raise ValueError('config.init_workdir (or config.init_hf) must name what to start from '
+    raise UserError('config.init_workdir (or config.init_hf) must name what to start from '
                      '(e.g. --config.init_workdir=runs/tiny)')
   base_config, tokenizer, _ = lm.load_workdir(config.init_workdir)
   os.makedirs(workdir, exist_ok=True)

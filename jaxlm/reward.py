@@ -23,6 +23,7 @@ from jaxlm import model as model_lib
 from jaxlm import sharding
 from jaxlm.data import post_training as data_lib
 from jaxlm.data import world as world_lib
+from jaxlm.errors import UserError
 
 STATS_FILE = 'reward_stats.json'
 # What a preference pair's rejected reply is (see world_preference_pairs): per-kind accuracies.
@@ -60,7 +61,7 @@ def pair_rows(tokenizer, pairs: list[dict], seq_len: int, what: str) -> list[dic
   metrics.log(f'{what}: {len(pairs)} preference pairs, {len(pairs) - len(rows)} left out '
               f'(longer than {seq_len} tokens).')
   if not rows:
-    raise ValueError(f'no {what} preference pair fits in {seq_len} tokens')
+    raise UserError(f'no {what} preference pair fits in {seq_len} tokens')
   return rows
 
 
@@ -154,7 +155,7 @@ def save_stats(workdir: str, values: np.ndarray) -> dict:
 def load_stats(workdir: str) -> dict:
   path = os.path.join(workdir, STATS_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'no reward statistics at {path}: did reward-model training finish?')
+    raise UserError(f'no reward statistics at {path}: did reward-model training finish?')
   with open(path, encoding='utf-8') as f:
     return json.load(f)
 
@@ -178,7 +179,7 @@ def score(workdir: str, conversations: list[list[dict]], batch_size: int = 64) -
       for row, messages in enumerate(chunk):
         encoded = encode_scored(tokenizer, messages, seq_len)
         if encoded is None:
-          raise ValueError(f'conversation {start + row} is longer than {seq_len} tokens')
+          raise UserError(f'conversation {start + row} is longer than {seq_len} tokens')
         tokens[row], last[row], reply_start[row] = encoded
       values = jax.device_get(score_batch(params, *map(jnp.asarray, (tokens, reply_start, last))))
       results += [{'reward': float(v), 'normalized': float((v - stats['mean']) / stats['std'])}

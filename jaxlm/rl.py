@@ -26,6 +26,7 @@ from jaxlm import losses
 from jaxlm import reward as reward_lib
 from jaxlm import sampling
 from jaxlm import sharding
+from jaxlm.errors import UserError
 
 ALGORITHMS = ('ppo', 'grpo')
 CRITICS = ('separate', 'shared')
@@ -130,7 +131,7 @@ def encode_prompts(tokenizer, examples: list[dict], width: int):
   for row, example in enumerate(examples):
     ids, _ = chat.encode(tokenizer, example['messages'], add_generation_prompt=True)
     if len(ids) > width:
-      raise ValueError(f'a prompt of {len(ids)} tokens exceeds config.rollout.prompt_len={width}:'
+      raise UserError(f'a prompt of {len(ids)} tokens exceeds config.rollout.prompt_len={width}:'
                        f' {example["messages"][-1]["content"][:80]!r}')
     tokens[row, :len(ids)], lengths[row] = ids, len(ids)
   return tokens, lengths

@@ -14,6 +14,8 @@ from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxlm.errors import UserError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 RULES = (
@@ -39,16 +41,16 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   """Resolves the (data, fsdp, tensor) sizes; at most one may be -1 ("the rest")."""
   sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'config.mesh: sizes must be positive, with at most one -1; got '
+    raise UserError(f'config.mesh: sizes must be positive, with at most one -1; got '
                      f'{dict(zip(MESH_AXES, sizes))}')
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
     if num_devices % known:
-      raise ValueError(f'config.mesh: {num_devices} devices do not divide into '
+      raise UserError(f'config.mesh: {num_devices} devices do not divide into '
                        f'{dict(zip(MESH_AXES, sizes))}')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'config.mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} '
+    raise UserError(f'config.mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} '
                      f'devices but {num_devices} are available')
   return tuple(sizes)
 
@@ -64,12 +66,12 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     devices = jax.devices()
     if mesh_config.get('num_devices', 0):
       if jax.process_count() > 1 or mesh_config.num_devices > len(devices):
-        raise ValueError(f'config.mesh.num_devices={mesh_config.num_devices} needs a single '
+        raise UserError(f'config.mesh.num_devices={mesh_config.num_devices} needs a single '
                          f'process with at least that many devices; have {len(devices)}')
       devices = devices[:mesh_config.num_devices]
   dcn = tuple(int(mesh_config.get(f'dcn_{axis}', 1)) for axis in MESH_AXES)
   if any(size < 1 for size in dcn) or len(devices) % math.prod(dcn):
-    raise ValueError(f'config.mesh: dcn sizes {dict(zip(MESH_AXES, dcn))} must be positive and '
+    raise UserError(f'config.mesh: dcn sizes {dict(zip(MESH_AXES, dcn))} must be positive and '
                      f'divide the {len(devices)} devices')
   # Auto axes: partitioning is propagated by the compiler from our annotations (Explicit mode
   # would reject contractions over sharded dimensions).
@@ -101,7 +103,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_size_per_process(global_batch_size: int, mesh: Mesh) -> int:
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   if global_batch_size % shards:
-    raise ValueError(f'batch size {global_batch_size} must be divisible by data x fsdp = '
+    raise UserError(f'batch size {global_batch_size} must be divisible by data x fsdp = '
                      f'{shards}')
   return global_batch_size // jax.process_count()
 

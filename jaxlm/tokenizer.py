@@ -16,6 +16,8 @@ import shutil
 import numpy as np
 import sentencepiece as spm
 
+from jaxlm.errors import UserError
+
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 CHAT_TOKENS = ('<|system|>', '<|user|>', '<|assistant|>', '<|end_of_turn|>')
 MODEL_TYPES = ('bpe', 'unigram', 'char')
@@ -35,7 +37,7 @@ class Tokenizer:
   @classmethod
   def load(cls, path: str) -> 'Tokenizer':
     if not os.path.exists(path):
-      raise FileNotFoundError(f'tokenizer model not found: {path}')
+      raise UserError(f'tokenizer model not found: {path}')
     with open(path, 'rb') as f:
       proto = f.read()
     try:
@@ -43,21 +45,30 @@ class Tokenizer:
         raise RuntimeError('the file is empty')
       return cls(proto, path)
     except RuntimeError as e:
-      raise ValueError(f'not a SentencePiece model: {path} ({e})') from e
+      raise UserError(f'not a SentencePiece model: {path} ({e})') from e
 
   @classmethod
   def train(cls, texts, path: str, vocab_size: int, model_type: str = 'bpe') -> 'Tokenizer':
     """Trains on an iterable of strings and writes the model to `path`."""
     if model_type not in MODEL_TYPES:
-      raise ValueError(f'config.tokenizer.type must be one of {MODEL_TYPES}, got {model_type!r}')
+      raise UserError(f'config.tokenizer.type must be one of {MODEL_TYPES}, got {model_type!r}')
+    # Every byte has its own fallback id, besides the special and chat tokens.
+    smallest = 256 + len(CHAT_TOKENS) + 4
+    if vocab_size < smallest:
+      raise UserError(f'config.tokenizer.vocab_size must be at least {smallest} (256 byte '
+                      f'fallback ids and {smallest - 256} special tokens), got {vocab_size}')
     proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=proto, vocab_size=vocab_size,
-        model_type=model_type, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=len(
-            CHAT_TOKENS) + 3, control_symbols=list(CHAT_TOKENS), byte_fallback=True,
-        character_coverage=1.0, normalization_rule_name='identity',
-        remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True, max_sentence_length=1 << 16,
-        hard_vocab_limit=False, minloglevel=2, num_threads=1)
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=iter(texts), model_writer=proto, vocab_size=vocab_size,
+          model_type=model_type, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=len(
+              CHAT_TOKENS) + 3, control_symbols=list(CHAT_TOKENS), byte_fallback=True,
+          character_coverage=1.0, normalization_rule_name='identity',
+          remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True, max_sentence_length=1 << 16,
+          hard_vocab_limit=False, minloglevel=2, num_threads=1)
+    except RuntimeError as e:
+      raise UserError(f'the {model_type} tokenizer could not be trained with config.tokenizer.'
+                      f'vocab_size={vocab_size}: {str(e).strip()}') from e
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = path + '.tmp'
     with open(tmp, 'wb') as f:
@@ -106,7 +117,6 @@ class HFTokenizer:
   transformers' tokenizer utilities (no torch needed), with the checkpoint's chat template."""
 
   def __init__(self, directory: str):
-    from jaxlm.errors import UserError  # pylint: disable=g-import-not-at-top
     try:
       from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     except ImportError as e:

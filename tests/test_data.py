@@ -15,6 +15,7 @@ from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.data import pipeline
 from jaxlm.data import tfds_builders
 from jaxlm.data import world as world_lib
+from jaxlm.errors import UserError
 
 SEQ_LEN, BATCH = 32, 4
 FIELDS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
@@ -110,7 +111,7 @@ def test_an_empty_split_is_an_error_naming_the_fraction(tmp_path):
 
 def test_a_glob_matching_nothing_raises_naming_the_glob(tmp_path):
   pattern = str(tmp_path / 'missing_dir' / '*.txt')
-  with pytest.raises(FileNotFoundError, match='missing_dir'):
+  with pytest.raises(UserError, match='missing_dir'):
     tfds_builders.local_text_builder(pattern, 'file', 0.1, str(tmp_path / 'tfds'))
 
 

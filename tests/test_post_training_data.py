@@ -11,6 +11,7 @@ import pytest
 from jaxlm import chat
 from jaxlm.data import post_training as data_lib
 from jaxlm.data import world as world_lib
+from jaxlm.errors import UserError
 
 # Documented ids: bos 1, then the chat markers in CHAT_TOKENS order.
 BOS, SYSTEM, USER, ASSISTANT, END_OF_TURN = 1, 3, 4, 5, 6
@@ -205,7 +206,7 @@ def test_a_record_of_the_wrong_json_type_is_an_error_naming_path_and_line(tmp_pa
 
 def test_a_missing_jsonl_file_is_an_error_naming_it(tmp_path):
   path = str(tmp_path / 'no_such_dir' / 'train.jsonl')
-  with pytest.raises(FileNotFoundError, match='no_such_dir/train.jsonl'):
+  with pytest.raises(UserError, match='no_such_dir/train.jsonl'):
     data_lib.from_jsonl(path, data_lib.conversation_from_record)
 
 

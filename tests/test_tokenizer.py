@@ -6,6 +6,7 @@ import pytest
 
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.data import world as world_lib
+from jaxlm.errors import UserError
 
 # Strings the training corpus never shows: double spaces, newlines, tabs, digit runs, leading
 # and trailing spaces, accents, CJK and emoji (these need the byte fallback).
@@ -74,7 +75,7 @@ def test_load_gives_back_the_trained_tokenizer(tokenizer):
 
 def test_load_of_a_missing_file_names_the_path(tmp_path):
   path = str(tmp_path / 'no_such' / 'tokenizer.model')
-  with pytest.raises(FileNotFoundError, match='no_such'):
+  with pytest.raises(UserError, match='no_such'):
     tokenizer_lib.Tokenizer.load(path)
 
 

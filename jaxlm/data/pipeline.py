@@ -14,6 +14,7 @@ import grain.experimental as grain_experimental
 import numpy as np
 
 from jaxlm.data import tfds_builders
+from jaxlm.errors import UserError
 
 SOURCES = ('world', 'text', 'tfds')
 
@@ -32,7 +33,7 @@ def text_sources(data_config, data_dir: str):
   elif data_config.source == 'tfds':
     train, validation = _catalog_sources(data_config)
   else:
-    raise ValueError(f'config.data.source must be one of {SOURCES}, got {data_config.source!r}')
+    raise UserError(f'config.data.source must be one of {SOURCES}, got {data_config.source!r}')
   return (grain.MapDataset.source(train).map(_document_text),
           grain.MapDataset.source(validation).map(_document_text))
 
@@ -50,7 +51,7 @@ def _catalog_sources(data_config):
     return (builder.as_data_source(split=data_config.tfds_train_split),
             builder.as_data_source(split=data_config.tfds_validation_split))
   except Exception as e:  # tfds raises many types for a missing or unprepared dataset
-    raise ValueError(
+    raise UserError(
         f'config.data.tfds_name={data_config.tfds_name!r} is not prepared as ArrayRecord in '
         f'config.data.tfds_data_dir={data_config.tfds_data_dir!r}: {e}') from e
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxlm import chat
 from jaxlm.data import world as world_lib
+from jaxlm.errors import UserError
 
 SOURCES = ('world', 'jsonl', 'tfds')
 REJECTION_KINDS = ('wrong', 'off_format', 'rambling', 'abstain')
@@ -92,7 +93,7 @@ def world_preference_pairs(world: world_lib.World, split: str, num: int,
   the reply that breaks the policy (`kind` is then the request's kind)."""
   unknown = set(proportions) - set(REJECTION_KINDS)
   if unknown or min(proportions.values(), default=-1) < 0 or not sum(proportions.values()) > 0:
-    raise ValueError(f'config.data.rejection_proportions must weight {REJECTION_KINDS}, got '
+    raise UserError(f'config.data.rejection_proportions must weight {REJECTION_KINDS}, got '
                      f'{dict(proportions)}')
   rejections = list(proportions)
   weights = np.array([proportions[k] for k in rejections], float)
@@ -112,7 +113,7 @@ def world_preference_pairs(world: world_lib.World, split: str, num: int,
 def _read_jsonl(path: str) -> list[tuple[str, dict]]:
   """(where, record) for each non-blank line; `where` is `path:line` for error messages."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'JSONL file not found: {path}')
+    raise UserError(f'JSONL file not found: {path}')
   records = []
   with open(path, encoding='utf-8') as f:
     for line_number, line in enumerate(f, 1):
@@ -121,9 +122,9 @@ def _read_jsonl(path: str) -> list[tuple[str, dict]]:
         try:
           record = json.loads(line)
         except ValueError as e:
-          raise ValueError(f'{where}: not valid JSON ({e})') from e
+          raise UserError(f'{where}: not valid JSON ({e})') from e
         if not isinstance(record, dict):
-          raise ValueError(f'{where}: each line must be a JSON object, got {record!r}')
+          raise UserError(f'{where}: each line must be a JSON object, got {record!r}')
         records.append((where, record))
   return records
 
@@ -132,7 +133,7 @@ def _checked_messages(messages, where: str) -> list[dict]:
   if not isinstance(messages, list) or not all(
       isinstance(m, dict) and m.get('role') in chat.ROLES and isinstance(m.get('content'), str)
       for m in messages):
-    raise ValueError(f'{where}: "messages" must be a list of {{"role": one of {chat.ROLES}, '
+    raise UserError(f'{where}: "messages" must be a list of {{"role": one of {chat.ROLES}, '
                      f'"content": string}}; got {messages!r}')
   return messages
 
@@ -143,7 +144,7 @@ def _prompt_messages(record, where: str) -> list[dict]:
     return [{'role': 'user', 'content': prompt}]
   if isinstance(prompt, list):
     return _checked_messages(prompt, where)
-  raise ValueError(f'{where}: needs "prompt" (a string) or "messages" (a list)')
+  raise UserError(f'{where}: needs "prompt" (a string) or "messages" (a list)')
 
 
 def conversation_from_record(record: dict, where: str) -> dict:
@@ -154,7 +155,7 @@ def conversation_from_record(record: dict, where: str) -> dict:
     messages = [{'role': 'user', 'content': record['prompt']},
                 {'role': 'assistant', 'content': record['response']}]
   else:
-    raise ValueError(f'{where}: needs "messages", or "prompt" and "response"; got keys '
+    raise UserError(f'{where}: needs "messages", or "prompt" and "response"; got keys '
                      f'{sorted(record)}')
   return {'messages': _checked_messages(messages, where), 'answer': record.get('answer')}
 
@@ -162,7 +163,7 @@ def conversation_from_record(record: dict, where: str) -> dict:
 def preference_from_record(record: dict, where: str) -> dict:
   """`{"prompt" or "messages", "chosen": str, "rejected": str}`."""
   if not isinstance(record.get('chosen'), str) or not isinstance(record.get('rejected'), str):
-    raise ValueError(f'{where}: needs string "chosen" and "rejected"; got keys {sorted(record)}')
+    raise UserError(f'{where}: needs string "chosen" and "rejected"; got keys {sorted(record)}')
   return {'messages': _prompt_messages(record, where), 'chosen': record['chosen'],
           'rejected': record['rejected'], 'kind': record.get('kind', 'jsonl')}
 
@@ -173,7 +174,7 @@ def prompt_from_record(record: dict, where: str) -> dict:
   while messages and messages[-1]['role'] == 'assistant':
     messages.pop()
   if not messages:
-    raise ValueError(f'{where}: the prompt has no user message')
+    raise UserError(f'{where}: the prompt has no user message')
   return {'messages': messages, 'answer': record.get('answer')}
 
 
@@ -189,7 +190,7 @@ def from_tfds(name: str, data_dir: str, split: str, parse) -> list[dict]:
     source = tfds.builder(name, data_dir=data_dir or None,
                           file_format='array_record').as_data_source(split=split)
   except Exception as e:  # tfds raises many types for a missing or unprepared dataset
-    raise ValueError(f'TFDS dataset {name!r} split {split!r} is not prepared as ArrayRecord in '
+    raise UserError(f'TFDS dataset {name!r} split {split!r} is not prepared as ArrayRecord in '
                      f'{data_dir!r}: {e}') from e
   decode = lambda v: v.decode('utf-8') if isinstance(v, bytes) else v
   return [parse({k: decode(v) for k, v in source[i].items()}, f'{name}[{split}][{i}]')

@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxlm import distributed
 from jaxlm import sharding
+from jaxlm.errors import UserError
 
 # (shard_index, num_shards, rows) -> a Grain IterDataset of that shard's [rows, ...] batches.
 MakeShard = Callable[[int, int, int], object]
@@ -28,10 +29,10 @@ class ShardedBatches:
     processes = jax.process_count()
     self.num_shards = num_shards or processes
     if self.num_shards % processes:
-      raise ValueError(f'{field}={self.num_shards} must be a multiple of the number of '
+      raise UserError(f'{field}={self.num_shards} must be a multiple of the number of '
                        f'processes ({processes})')
     if global_batch_size % self.num_shards:
-      raise ValueError(f'the batch size ({global_batch_size}) must be divisible by {field} '
+      raise UserError(f'the batch size ({global_batch_size}) must be divisible by {field} '
                        f'({self.num_shards})')
     self._field = field
     per_process = self.num_shards // processes
@@ -56,7 +57,7 @@ class ShardedBatches:
 
   def set_state(self, state: dict) -> None:
     if state.get('num_shards') != self.num_shards:
-      raise ValueError(
+      raise UserError(
           f'the checkpoint\'s data was cut into {state.get("num_shards")} shards but this run '
           f'uses {self.num_shards}; set {self._field}={state.get("num_shards")} to resume it')
     for i, iterator in self._iterators.items():

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from jaxlm import distributed
 
 from jaxlm.data import world as world_lib
+from jaxlm.errors import UserError
 
 VERSION = tfds.core.Version('1.0.0')
 SPLIT_BY = ('file', 'line')
@@ -101,10 +102,10 @@ class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
 def local_text_builder(pattern: str, split_by: str, validation_fraction: float,
                        data_dir: str) -> LocalText:
   if split_by not in SPLIT_BY:
-    raise ValueError(f'config.data.split_by must be one of {SPLIT_BY}, got {split_by!r}')
+    raise UserError(f'config.data.split_by must be one of {SPLIT_BY}, got {split_by!r}')
   paths = sorted(globlib.glob(pattern, recursive=True))
   if not paths:
-    raise FileNotFoundError(f'config.data.text_glob matches no files: {pattern!r}')
+    raise UserError(f'config.data.text_glob matches no files: {pattern!r}')
   files = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
   fields = dict(pattern=os.path.abspath(pattern), split_by=split_by,
                 validation_fraction=validation_fraction, files_fingerprint=_content_hash(files))
@@ -131,7 +132,7 @@ def prepared(make_builder):
     try:
       builder.download_and_prepare()
     except AssertionError as e:  # tfds asserts that every split has examples
-      raise ValueError(f'{builder.name}: a split came out empty; with few documents raise or '
+      raise UserError(f'{builder.name}: a split came out empty; with few documents raise or '
                        f'lower config.data.validation_fraction ({e})') from e
     return builder
   return distributed.main_process_first(prepare, 'tfds_prepare')

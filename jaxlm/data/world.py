@@ -31,6 +31,8 @@ import hashlib
 
 import numpy as np
 
+from jaxlm.errors import UserError
+
 ATTRIBUTES = ('city', 'colour', 'pet', 'job')
 
 # The value sets are disjoint, and pets and jobs start with a consonant so "a {value}" reads right.
@@ -111,30 +113,30 @@ class WorldConfig:
 
   def __post_init__(self):
     if self.seed < 0:
-      raise ValueError(f'WorldConfig.seed must be >= 0, got {self.seed}')
+      raise UserError(f'WorldConfig.seed must be >= 0, got {self.seed}')
     if self.num_entities < 1 or self.num_unknown_entities < 0:
-      raise ValueError('WorldConfig needs num_entities >= 1 and num_unknown_entities >= 0, got '
+      raise UserError('WorldConfig needs num_entities >= 1 and num_unknown_entities >= 0, got '
                        f'{self.num_entities} and {self.num_unknown_entities}')
     if self.num_entities + self.num_unknown_entities > _NAME_CAPACITY:
-      raise ValueError(f'WorldConfig asks for {self.num_entities + self.num_unknown_entities} '
+      raise UserError(f'WorldConfig asks for {self.num_entities + self.num_unknown_entities} '
                        f'people but only {_NAME_CAPACITY} distinct names exist')
     if self.max_operand < 1:
-      raise ValueError(f'WorldConfig.max_operand must be >= 1, got {self.max_operand}')
+      raise UserError(f'WorldConfig.max_operand must be >= 1, got {self.max_operand}')
     if not 0 < self.heldout_fraction < 1:
-      raise ValueError(f'WorldConfig.heldout_fraction must be in (0, 1), got '
+      raise UserError(f'WorldConfig.heldout_fraction must be in (0, 1), got '
                        f'{self.heldout_fraction}')
     if not 0 < self.rl_fraction < 1 - self.heldout_fraction:
-      raise ValueError(f'WorldConfig.rl_fraction must be in (0, 1 - heldout_fraction), got '
+      raise UserError(f'WorldConfig.rl_fraction must be in (0, 1 - heldout_fraction), got '
                        f'{self.rl_fraction}')
     if not 0 <= self.arithmetic_fraction <= 1:
-      raise ValueError(f'WorldConfig.arithmetic_fraction must be in [0, 1], got '
+      raise UserError(f'WorldConfig.arithmetic_fraction must be in [0, 1], got '
                        f'{self.arithmetic_fraction}')
     policy = (self.forbidden_fraction, self.lookalike_fraction, self.unknown_fraction)
     if min(policy) < 0 or sum(policy) >= 1:
-      raise ValueError('WorldConfig.forbidden_fraction, lookalike_fraction and unknown_fraction '
+      raise UserError('WorldConfig.forbidden_fraction, lookalike_fraction and unknown_fraction '
                        f'must be >= 0 and sum to less than 1, got {policy}')
     if self.unknown_fraction > 0 and self.num_unknown_entities < 1:
-      raise ValueError('WorldConfig.unknown_fraction needs num_unknown_entities >= 1')
+      raise UserError('WorldConfig.unknown_fraction needs num_unknown_entities >= 1')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,12 +224,12 @@ class World:
     proportions the config sets among them."""
     _check_split(split, QUESTION_SPLITS)
     if not kinds or set(kinds) - set(QUESTION_KINDS):
-      raise ValueError(f'kinds must be a non-empty subset of {QUESTION_KINDS}, got {kinds}')
+      raise UserError(f'kinds must be a non-empty subset of {QUESTION_KINDS}, got {kinds}')
     weights = np.array([self._kind_weights()[k] for k in kinds])
     if not weights.sum() > 0:
-      raise ValueError(f'the world config gives no weight to the kinds {kinds}')
+      raise UserError(f'the world config gives no weight to the kinds {kinds}')
     if 'unknown' in kinds and not self._unknown[split]:
-      raise ValueError(f'no unknown person falls in the {split!r} split; raise '
+      raise UserError(f'no unknown person falls in the {split!r} split; raise '
                        'WorldConfig.num_unknown_entities')
     rng = self._rng(f'questions/{split}')
     return [self._question(kinds[rng.choice(len(kinds), p=weights / weights.sum())], split, rng)
@@ -280,7 +282,7 @@ class World:
 
 def _check_split(split: str, allowed: tuple[str, ...]):
   if split not in allowed:
-    raise ValueError(f'split must be one of {allowed}, got {split!r}')
+    raise UserError(f'split must be one of {allowed}, got {split!r}')
 
 
 def _unique_names(rng: np.random.Generator, count: int) -> list[str]:
@@ -323,7 +325,7 @@ def _split_problems(config: WorldConfig) -> dict[str, tuple[tuple[int, str, int]
       (a, '-', b) for a in operands for b in operands if b <= a]:
     split[_split_of(config, f'{a} {op} {b}')].append((a, op, b))
   if not all(split.values()):
-    raise ValueError(f'WorldConfig.heldout_fraction={config.heldout_fraction} and rl_fraction='
+    raise UserError(f'WorldConfig.heldout_fraction={config.heldout_fraction} and rl_fraction='
                      f'{config.rl_fraction} leave a split of arithmetic empty for max_operand='
                      f'{config.max_operand}')
   return {name: tuple(problems) for name, problems in split.items()}
