@@ -2,14 +2,21 @@
 
 Orbax has no checksums: a step cut off after its directory was finalised, or with damaged bytes,
 is still listed by `latest_step()` and can restore wrong values silently. After a save has fully
-finished, process 0 writes a manifest (size and sha256 of every file) into the step directory;
-restoring walks the steps newest first and takes the first one whose files match their manifest.
-A step that fails is moved aside (never deleted) with a warning.
+finished, every process writes a manifest of the files it wrote itself (size and sha256 of each)
+into the step directory, so verifying costs each process what it wrote, not the whole
+checkpoint. A step is complete when every process's manifest is there; restoring verifies the
+manifests spread over the restoring processes and takes the newest step that matches.
+
+A step whose save never finished (no manifest) is set aside with a warning. A damaged newer step
+in front of a good older one is set aside with a warning too, and the run resumes from the older
+one. When checkpoints exist and none can be restored, resuming stops with an error naming each
+step's problem and moves nothing, unless asked to set them aside and start over.
 """
 
 import hashlib
 import json
 import os
+import re
 import time
 
 import jax
@@ -18,7 +25,19 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-MANIFEST = 'jaxlm_manifest.json'
+from jaxlm import distributed
+from jaxlm import metrics
+from jaxlm.errors import UserError
+
+MANIFEST = 'jaxlm_manifest'
+_UNFINISHED = 'no manifest (its save did not finish)'
+# Orbax puts each process's own files under `ocdbt.process_<i>/` or `process_<i>`; process 0
+# writes the rest.
+_WRITER = re.compile(r'(?:^|/)(?:ocdbt\.)?process_(\d+)(?:/|$)')
+
+
+def _manifest_name(process: int) -> str:
+  return f'{MANIFEST}.process_{process}.json'
 
 
 def _files(directory: epath.Path):
@@ -29,35 +48,70 @@ def _files(directory: epath.Path):
       yield path
 
 
-def _file_digests(step_dir: epath.Path) -> dict[str, list]:
-  digests = {}
-  for path in _files(step_dir):
-    if path.name.startswith(MANIFEST):
-      continue
-    sha = hashlib.sha256()
-    with path.open('rb') as f:
-      for chunk in iter(lambda: f.read(1 << 22), b''):
-        sha.update(chunk)
-    digests[str(path.relative_to(step_dir))] = [path.stat().length, sha.hexdigest()]
-  return digests
+def _writer(name: str) -> int:
+  match = _WRITER.search(name)
+  return int(match.group(1)) if match else 0
+
+
+def _digest(path: epath.Path) -> list:
+  sha = hashlib.sha256()
+  with path.open('rb') as f:
+    for chunk in iter(lambda: f.read(1 << 22), b''):
+      sha.update(chunk)
+  return [path.stat().length, sha.hexdigest()]
+
+
+def _own_file_digests(step_dir: epath.Path, process: int) -> dict[str, list]:
+  names = (str(path.relative_to(step_dir)) for path in _files(step_dir)
+           if not path.name.startswith(MANIFEST))
+  return {name: _digest(step_dir / name) for name in names if _writer(name) == process}
+
+
+def write_manifest(step_dir: epath.Path, process: int, num_processes: int) -> None:
+  """Records the files `process` wrote into `step_dir` (after its save has finished)."""
+  manifest = {'num_processes': num_processes,
+              'files': _own_file_digests(step_dir, process)}
+  tmp = step_dir / (_manifest_name(process) + '.tmp')
+  tmp.write_text(json.dumps(manifest))
+  tmp.rename(step_dir / _manifest_name(process))
+
+
+def _read_manifest(step_dir: epath.Path, process: int) -> dict | str:
+  path = step_dir / _manifest_name(process)
+  if not path.exists():
+    return _UNFINISHED if process == 0 else f'no manifest from process {process}'
+  try:
+    return json.loads(path.read_text())
+  except ValueError:
+    return f'unreadable manifest {path.name}'
+
+
+def _verify_manifest(step_dir: epath.Path, manifest: dict) -> str | None:
+  for name, digest in manifest['files'].items():
+    path = step_dir / name
+    if not path.exists():
+      return f'missing file {name}'
+    if _digest(path) != digest:
+      return f'file {name} does not match its checksum'
+  return None
 
 
 def verify(step_dir: epath.Path) -> str | None:
-  """None if the step matches its manifest, otherwise what is wrong."""
-  manifest = step_dir / MANIFEST
-  if not manifest.exists():
-    return 'no manifest (the save did not finish)'
-  try:
-    expected = json.loads(manifest.read_text())
-  except ValueError:
-    return 'unreadable manifest'
-  actual = _file_digests(step_dir)
-  for name, digest in expected.items():
-    if name not in actual:
-      return f'missing file {name}'
-    if actual[name] != digest:
-      return f'file {name} does not match its checksum'
-  return None
+  """None if the step matches its manifests, otherwise what is wrong. In a multi-process run
+  each process checks its share of the manifests; every process gets the same answer."""
+  first = _read_manifest(step_dir, 0)
+  if isinstance(first, str):
+    problem = first
+  else:
+    problem = None
+    for process in range(jax.process_index(), first['num_processes'], jax.process_count()):
+      manifest = first if process == 0 else _read_manifest(step_dir, process)
+      problem = manifest if isinstance(manifest, str) else _verify_manifest(step_dir, manifest)
+      if problem:
+        break
+  if jax.process_count() > 1:
+    problem = next((p for p in distributed.all_gather_json(problem) if p), None)
+  return problem
 
 
 def from_json(value):
@@ -70,7 +124,7 @@ def from_json(value):
   return value
 
 
-class _CheckpointMismatch(ValueError):
+class _CheckpointMismatch(UserError):
   """The checkpoint is intact but holds other parameters than the model needs."""
 
 
@@ -99,6 +153,14 @@ def _pytree_restore(abstract, partial: bool = False):
       partial_restore=partial)
 
 
+class CheckpointSaveFailed(UserError):
+  """A save did not reach the disk; the newest verified step is still the one resumed from."""
+
+
+class UnusableCheckpoints(UserError):
+  """Checkpoints exist but none of them can be restored."""
+
+
 class Checkpointer:
   """Saves and restores {'state': pytree, 'data': JSON-able iterator state}."""
 
@@ -112,11 +174,16 @@ class Checkpointer:
         item_handlers={'state': ocp.PyTreeCheckpointHandler(),
                        'data': ocp.JsonCheckpointHandler()})
     self._unverified: list[int] = []
+    self._newest_good: int | None = None
+    self._failed = False
 
   def save(self, step: int, state, data_state: dict) -> None:
     self._write_manifests()
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(step, e)
     self._unverified.append(step)
 
   def wait(self) -> None:
@@ -124,29 +191,47 @@ class Checkpointer:
     self._write_manifests()
 
   def _write_manifests(self) -> None:
-    self._manager.wait_until_finished()
-    if jax.process_index() == 0:
+    if not self._unverified:
+      return
+    step = self._unverified[-1]
+    try:
+      self._manager.wait_until_finished()
       for step in self._unverified:
         step_dir = self.directory / str(step)
         if step_dir.exists():  # may already be rotated out by max_to_keep
-          tmp = step_dir / (MANIFEST + '.tmp')
-          tmp.write_text(json.dumps(_file_digests(step_dir)))
-          tmp.rename(step_dir / MANIFEST)
+          write_manifest(step_dir, jax.process_index(), jax.process_count())
+          self._newest_good = step
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(step, e)
     self._unverified = []
 
-  def restore_latest(self, abstract_state):
+  def _fail(self, step: int, error: Exception) -> None:
+    self._failed = True
+    self._unverified = []
+    newest = (f'step {self._newest_good} is the newest verified checkpoint and the one a rerun '
+              'resumes from' if self._newest_good is not None else
+              'no verified checkpoint was written before it')
+    raise CheckpointSaveFailed(f'saving step {step} to {self.directory} failed '
+                               f'({type(error).__name__}: {error}); {newest}') from error
+
+  def restore_latest(self, abstract_state, start_over: bool = False):
     """(state, data_state, step) from the newest verified step, or None if there is none.
 
     `abstract_state` holds `jax.ShapeDtypeStruct`s with shardings: arrays are restored straight
-    onto the current mesh, whatever mesh they were saved from.
+    onto the current mesh, whatever mesh they were saved from. Steps newer than the one restored
+    that fail verification are set aside. If steps exist and none can be restored this raises
+    `UnusableCheckpoints`, moving nothing, unless `start_over` sets them all aside.
     """
-    return self._restore_newest(lambda step: self._restore_state(step, abstract_state),
-                                on_error=_CheckpointMismatch)
+    restored = self._restore_newest(lambda step: self._restore_state(step, abstract_state),
+                                    set_aside=True, start_over=start_over)
+    if restored is not None:
+      self._newest_good = restored[2]
+    return restored
 
   def restore_params(self, abstract_params):
     """(params, step) from the newest verified step: the parameters only, for generation or for
     starting a later stage. From an RL checkpoint ({'policy': ..., 'value': ...}) this is the
-    policy. None if there is no checkpoint."""
+    policy. None if there is no checkpoint. Nothing in the directory is moved."""
     def restore(step):
       saved = self._manager.item_metadata(step)['state'].tree['params']
       is_rl = 'policy' in saved and 'policy' not in abstract_params
@@ -157,7 +242,7 @@ class Checkpointer:
           state=_pytree_restore({'params': item}, partial=True)))
       params = restored['state']['params']
       return (params['policy'] if is_rl else params), step
-    return self._restore_newest(restore, on_error=_CheckpointMismatch)
+    return self._restore_newest(restore, set_aside=False, start_over=False)
 
   def _restore_state(self, step, abstract_state):
     # Another model in the same workdir (a changed config) is the user's error, not damage.
@@ -167,23 +252,48 @@ class Checkpointer:
         state=_pytree_restore(abstract_state), data=ocp.args.JsonRestore()))
     return restored['state'], from_json(restored['data']), step
 
-  def _restore_newest(self, restore, on_error=()):
+  def _restore_newest(self, restore, set_aside: bool, start_over: bool):
+    problems = []  # (step, what is wrong), newest first
     for step in sorted(self._manager.all_steps(), reverse=True):
       problem = verify(self.directory / str(step))
       if problem is None:
         try:
-          return restore(step)
-        except on_error:
+          result = restore(step)
+        except _CheckpointMismatch:
           raise
         except Exception as e:  # pylint: disable=broad-except
-          problem = f'restore failed: {e}'
-      self._set_aside(step, problem)
+          problem = f'restore failed: {type(e).__name__}: {e}'
+        else:
+          for bad_step, bad_problem in problems:
+            self._warn_unusable(bad_step, bad_problem, set_aside)
+          if problems:
+            metrics.log(f'Resuming from step {step}, the newest usable checkpoint in '
+                        f'{self.directory}.')
+          return result
+      problems.append((step, problem))
+    if not problems:
+      return None
+    unfinished = all(problem == _UNFINISHED for _, problem in problems)
+    if not (start_over or unfinished):
+      listed = '; '.join(f'step {step}: {problem}' for step, problem in problems)
+      raise UnusableCheckpoints(
+          f'{self.directory} has checkpoints but none can be restored ({listed}). Nothing was '
+          'moved. Repair or remove them, or rerun with --config.checkpoint.start_over=true to '
+          'set them aside and start from step 0.')
+    for step, problem in problems:
+      self._warn_unusable(step, problem, set_aside)
     return None
 
-  def _set_aside(self, step: int, problem: str) -> None:
+  def _warn_unusable(self, step: int, problem: str, set_aside: bool) -> None:
+    if not set_aside:
+      logging.warning('Checkpoint %s is not usable (%s); skipping it.',
+                      self.directory / str(step), problem)
+      return
     aside = self.directory.parent / f'{self.directory.name}_rejected' / f'{step}-{int(time.time())}'
-    logging.warning('Checkpoint %s is not usable (%s); moving it to %s and trying an older one.',
+    logging.warning('Checkpoint %s is not usable (%s); moving it to %s.',
                     self.directory / str(step), problem, aside)
+    metrics.log(f'warning: checkpoint {self.directory / str(step)} is not usable ({problem}); '
+                f'moved it to {aside}.')
     if jax.process_index() == 0:
       aside.parent.mkdir(parents=True, exist_ok=True)
       (self.directory / str(step)).rename(aside)
@@ -192,5 +302,8 @@ class Checkpointer:
     self._manager.reload()
 
   def close(self) -> None:
+    if self._failed:  # the save's error is already on its way; do not wait on it again
+      self._manager.close()
+      return
     self.wait()
     self._manager.close()

@@ -19,13 +19,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxlm import chat
 from jaxlm import losses
 from jaxlm import reward as reward_lib
 from jaxlm import sampling
 from jaxlm import sharding
+from jaxlm import trainer
 from jaxlm.errors import UserError
 
 ALGORITHMS = ('ppo', 'grpo')
@@ -228,10 +228,13 @@ def make_step(loss_fn, optimizer, epochs: int, minibatches: int):
       (_, sums), grads = grad_fn(params, minibatch)
       count = jnp.maximum(sums['count'], 1.0)
       grads = jax.tree.map(lambda g: g / count, grads)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), sums
+      params, opt_state, _, finite = trainer.update_if_finite(optimizer, grads, sums['loss'],
+                                                            params, opt_state)
+      return (params, opt_state), (sums, finite)
 
-    (params, opt_state), sums = jax.lax.scan(update, (state.params, state.opt_state), order)
+    (params, opt_state), (sums, finite) = jax.lax.scan(update, (state.params, state.opt_state),
+                                                       order)
+    counters = trainer.count_nonfinite(state, jnp.all(finite))
     totals = jax.tree.map(jnp.sum, sums)
     count = jnp.maximum(totals.pop('count'), 1.0)
     metrics = {f'train/{k}': v / count for k, v in totals.items()}
@@ -243,9 +246,10 @@ def make_step(loss_fn, optimizer, epochs: int, minibatches: int):
         'rollout/kl': jnp.sum((batch['old_log_probs'] - batch['ref_log_probs']) * mask)
                       / responses,
         'rollout/kl_coef': batch['kl_coef'],
+        'train/nonfinite_steps': counters['nonfinite_steps'],
     })
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         rng=rng), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                         **counters), metrics
 
   return step
 

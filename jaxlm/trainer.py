@@ -23,6 +23,7 @@ from jaxlm import losses
 from jaxlm import metrics as metrics_lib
 from jaxlm import perf
 from jaxlm import sharding
+from jaxlm.errors import UserError
 
 # loss_fn(params, batch, rng) -> (scalar to differentiate, dict of sums including 'count').
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -34,6 +35,9 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
+  # Steps whose update was skipped for a non-finite loss or gradient: in a row, and in all.
+  nonfinite_streak: jax.Array
+  nonfinite_steps: jax.Array
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
@@ -74,6 +78,27 @@ def language_model_loss(model: nn.Module, z_loss: float = 0.0) -> LossFn:
   return loss_fn
 
 
+def update_if_finite(optimizer: optax.GradientTransformation, grads, loss, params, opt_state):
+  """(params, opt_state, update norm, finite): the optimizer's step, or no step at all when the
+  loss or the gradient is not finite, so that a bad batch can never poison the parameters or
+  the optimizer's moments."""
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+
+  def update(_):
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_opt_state, optax.tree.norm(updates)
+  def skip(_):
+    return params, opt_state, jnp.zeros((), jnp.float32)
+  new_params, new_opt_state, update_norm = jax.lax.cond(finite, update, skip, None)
+  return new_params, new_opt_state, update_norm, finite
+
+
+def count_nonfinite(state: TrainState, finite: jax.Array) -> dict:
+  """The non-finite counters of `state` after a step that was (or was not) finite."""
+  return dict(nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+              nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     grad_accum_steps: int):
   """A pure `(state, batch) -> (state, metrics)`.
@@ -100,16 +125,19 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
           accumulate, (zeros[1], zeros[0][1]), (jnp.arange(grad_accum_steps), batch))
     count = jnp.maximum(sums['count'], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state, update_norm, finite = update_if_finite(
+        optimizer, grads, sums['loss'], state.params, state.opt_state)
     metrics = {f'train/{k}': v / count for k, v in sums.items() if k != 'count'}
+    counters = count_nonfinite(state, finite)
     metrics.update({
         'train/tokens': sums['count'],
         'train/grad_norm': optax.tree.norm(grads),
-        'train/update_norm': optax.tree.norm(updates),
+        'train/update_norm': update_norm,
         'train/param_norm': optax.tree.norm(params),
+        'train/nonfinite_steps': counters['nonfinite_steps'],
     })
-    return TrainState(state.step + 1, params, opt_state, rng), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                         **counters), metrics
 
   return train_step
 
@@ -149,7 +177,8 @@ def abstract_state(init_params, optimizer, mesh, rng):
   def init_boxed(rng):
     init_rng, state_rng = jax.random.split(rng)
     params = init_params(init_rng)
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), state_rng)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, optimizer.init(params), state_rng, zero, zero)
   abstract, shardings = abstract_params(jax.eval_shape(init_boxed, rng), mesh)
   return abstract, shardings, lambda rng: nn.meta.unbox(init_boxed(rng))
 
@@ -169,6 +198,27 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+class NonFiniteTraining(UserError):
+  """Too many steps in a row had a non-finite loss or gradient."""
+
+
+def _check_nonfinite(state: TrainState, step: int, max_in_a_row: int, reported: int) -> int:
+  """Logs newly skipped updates and stops the run after `max_in_a_row` in a row; returns the
+  number skipped so far. Reads two device scalars: call it where the loop syncs anyway."""
+  streak, total = (int(x) for x in jax.device_get((state.nonfinite_streak,
+                                                   state.nonfinite_steps)))
+  if total > reported:
+    metrics_lib.log(f'step {step}: skipped {total - reported} update(s) with a non-finite loss '
+                    f'or gradient ({total} in all, {streak} in a row).')
+  if streak >= max_in_a_row:
+    raise NonFiniteTraining(
+        f'step {step - streak + max_in_a_row}: {max_in_a_row} steps in a row had a non-finite '
+        'loss or gradient norm (config.train.max_nonfinite_steps); their updates were skipped '
+        'and the checkpoints hold only finite parameters. Lower config.train.learning_rate or '
+        'check the data.')
+  return total
+
+
 def _place(local, mesh, grad_accum_steps: int):
   if grad_accum_steps > 1:
     local = {k: v.reshape(grad_accum_steps, -1, *v.shape[1:]) for k, v in local.items()}
@@ -185,7 +235,7 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
       os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
       async_save=config.checkpoint.async_save)
   data_iterator = iter(stage.train_batches)
-  restored = checkpointer.restore_latest(abstract)
+  restored = checkpointer.restore_latest(abstract, config.checkpoint.start_over)
   if restored is None:
     state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
     if stage.load_params is not None:
@@ -214,12 +264,14 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
   preemption = _Preemption()
   tokens_per_step = tc.batch_size * stage.tokens_per_row
   last_time, last_step = time.time(), start_step
+  nonfinite = int(state.nonfinite_steps)
   try:
     for step in range(start_step + 1, tc.steps + 1):
       state, train_metrics = train_step(state, prepare_batch(state, next(data_iterator)))
       evaluate = (config.eval_every and step % config.eval_every == 0) or step == tc.steps
       if step % config.log_every == 0 or evaluate:
         scalars = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
+        nonfinite = _check_nonfinite(state, step, tc.max_nonfinite_steps, nonfinite)
         now = time.time()
         tokens_per_sec = tokens_per_step * (step - last_step) / (now - last_time)
         last_time, last_step = now, step
@@ -238,6 +290,7 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
       preempted = ((jax.process_count() == 1 or step % config.log_every == 0)
                    and distributed.any_process(preemption.requested))
       if step % config.checkpoint.every == 0 or step == tc.steps or preempted:
+        nonfinite = _check_nonfinite(state, step, tc.max_nonfinite_steps, nonfinite)
         checkpointer.save(step, state, data_iterator.get_state())
       if preempted:
         checkpointer.wait()

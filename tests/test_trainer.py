@@ -149,7 +149,7 @@ def _flip_bytes(step_dir):
 
 
 def _remove_manifest(step_dir):
-  os.remove(os.path.join(step_dir, 'jaxlm_manifest.json'))
+  os.remove(os.path.join(step_dir, 'jaxlm_manifest.process_0.json'))
 
 
 @pytest.mark.parametrize('damage', [_flip_bytes, _remove_manifest])

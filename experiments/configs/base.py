@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
       learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1,
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_embeddings=False, grad_clip=1.0,
       z_loss=1e-4,
+      # Updates skipped in a row (non-finite loss or gradient) before the run stops.
+      max_nonfinite_steps=10,
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
@@ -54,7 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
       num_samples=4, prompt_tokens=16, sample_tokens=64, temperature=0.7, top_k=0, top_p=0.95,
   ))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=500, keep=3, async_save=True,
+      # Set unusable checkpoints aside and start from step 0 instead of stopping with an error.
+      start_over=False,
+  ))
   c.mesh = mesh_config()
   return c
 

@@ -44,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
       learning_rate=1e-3, warmup_steps=20, min_lr_ratio=0.1,
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay_embeddings=False, grad_clip=1.0,
       z_loss=0.0,
+      # Updates skipped in a row (non-finite loss or gradient) before the run stops.
+      max_nonfinite_steps=10,
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
@@ -54,6 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
       top_p=1.0, num_samples=4,
   ))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=100, keep=2, async_save=True,
+      # Set unusable checkpoints aside and start from step 0 instead of stopping with an error.
+      start_over=False,
+  ))
   c.mesh = base.mesh_config()
   return c
