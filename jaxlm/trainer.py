@@ -80,16 +80,15 @@ def language_model_loss(model: nn.Module, z_loss: float = 0.0) -> LossFn:
 
 def update_if_finite(optimizer: optax.GradientTransformation, grads, loss, params, opt_state):
   """(params, opt_state, update norm, finite): the optimizer's step, or no step at all when the
-  loss or the gradient is not finite, so that a bad batch can never poison the parameters or
-  the optimizer's moments."""
-  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-
-  def update(_):
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_opt_state, optax.tree.norm(updates)
-  def skip(_):
-    return params, opt_state, jnp.zeros((), jnp.float32)
-  new_params, new_opt_state, update_norm = jax.lax.cond(finite, update, skip, None)
+  loss, the gradient or the update is not finite, so that a bad batch or a diverging run can
+  never poison the parameters or the optimizer's moments."""
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  update_norm = optax.tree.norm(updates)
+  finite = (jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+            & jnp.isfinite(update_norm))
+  new_params, new_opt_state = jax.lax.cond(
+      finite, lambda: (optax.apply_updates(params, updates), new_opt_state),
+      lambda: (params, opt_state))
   return new_params, new_opt_state, update_norm, finite
 
 
