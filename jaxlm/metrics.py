@@ -14,14 +14,39 @@ from absl import flags
 from absl import logging
 
 
-class MetricsWriter:
+def _keep_records_up_to(path: str, step: int) -> None:
+  """Drops what a run that stopped after `step` had logged beyond it, and a line a killed run
+  left half-written, so that a resumed run's metrics.jsonl has one record per step."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if record.get('step', 0) <= step:
+        kept.append(line if line.endswith('\n') else line + '\n')
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
-  def __init__(self, workdir: str):
+
+class MetricsWriter:
+  """Appends to `workdir`'s metrics; `resumed_step` (the step a run starts after) drops the
+  records a previous run wrote beyond it."""
+
+  def __init__(self, workdir: str, resumed_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if resumed_step is not None:
+        _keep_records_up_to(path, resumed_step)
+      self._jsonl = open(path, 'a', encoding='utf-8')
       # tensorboardX writes standard event files without pulling in TensorFlow.
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))

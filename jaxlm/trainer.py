@@ -250,8 +250,9 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
   train_step = jax.jit(step_fn, out_shardings=(shardings, None), donate_argnums=(0,))
   prepare_batch = stage.prepare_batch or (
       lambda state, local: _place(local, mesh, tc.grad_accum_steps))
-  writer = metrics_lib.MetricsWriter(workdir)
   start_step = int(state.step)
+  writer = metrics_lib.MetricsWriter(workdir,
+                                     resumed_step=-1 if restored is None else start_step)
   if restored is None and config.get('eval_at_start'):
     scalars = stage.evaluate(state.params, 0)
     writer.write(0, scalars)

@@ -5,6 +5,7 @@ writer holds a workdir."""
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -279,3 +280,32 @@ def test_a_lock_is_taken_over_only_when_its_holder_is_gone(tmp_path, capsys, hol
     mine = json.load(open(_lock_file(workdir)))
     assert mine['pid'] == os.getpid() and mine['host'] == socket.gethostname()
   assert not os.path.exists(_lock_file(workdir))
+
+
+@pytest.mark.slow
+def test_twenty_kill_9s_then_resume_give_the_uninterrupted_losses(tmp_path):
+  steps = 600
+  reference = str(tmp_path / 'reference')
+  pretrain.train_and_evaluate(tiny_config.config(steps=steps), reference)
+  workdir = tmp_path / 'killed'
+  command = [sys.executable, '-m', 'experiments.pretrain', '--config=tests/tiny_config.py',
+             f'--workdir={workdir}', f'--config.train.steps={steps}']
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    # Once it trains, a step takes tens of milliseconds and a checkpoint is written
+    # (asynchronously) every 4 steps: kills land in and between writes.
+    for line in process.stdout:
+      if re.search(r' step \d+/', line):  # a progress line: it trains
+        break
+    assert process.poll() is None, 'the run ended before its kill'
+    time.sleep(rng.uniform(0.0, 1.5))
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+  resumed_from = max(r['step'] for r in _metrics(workdir))
+  assert resumed_from < steps
+  final = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert final.returncode == 0, final.stdout + final.stderr
+  expected = [(r['step'], r['train/loss']) for r in _metrics(reference)]
+  assert [(r['step'], r['train/loss']) for r in _metrics(workdir)] == expected
