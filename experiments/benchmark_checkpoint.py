@@ -4,7 +4,8 @@ writes for its own files, and the restore with its verification.
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.benchmark_checkpoint \
       --config=experiments/configs/gpt2_124m.py --dir=/tmp/ckpt_bench
 
-The train state is the config's (parameters and AdamW moments), initialised at random on the
+Each process checksums the files it wrote; `hashed_gib` is what this process (process 0)
+hashed. The train state is the config's (parameters and AdamW moments), filled with random values on the
 config's mesh; `--what=params` saves the parameters alone.
 """
 
@@ -15,6 +16,7 @@ import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from absl import flags
 from etils import epath
 
@@ -45,9 +47,17 @@ def benchmark(config, directory: str, what: str, repeats: int) -> dict:
         mesh, jax.random.PRNGKey(0))
     if what == 'params':
       abstract, shardings = abstract.params, shardings.params
-      init = lambda rng: init_state(rng).params
-    else:
-      init = init_state
+    def init(rng):
+      # Random values everywhere: freshly initialised AdamW moments are zeros, which Orbax
+      # compresses to nothing, and a trained state's are not.
+      state = init_state(rng)
+      tree = state.params if what == 'params' else state
+      leaves, treedef = jax.tree.flatten(tree)
+      keys = jax.random.split(rng, len(leaves))
+      return treedef.unflatten([
+          jax.random.normal(key, leaf.shape, leaf.dtype)
+          if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+          for key, leaf in zip(keys, leaves)])
     for repeat in range(repeats):
       shutil.rmtree(directory, ignore_errors=True)
       state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(repeat))
@@ -64,7 +74,7 @@ def benchmark(config, directory: str, what: str, repeats: int) -> dict:
           restorer.restore_latest(abstract)))
       restorer.close()
       del restored
-      manifest = json.loads((step_dir / 'jaxlm_manifest.process_0.json').read_text())
+      manifest = json.loads((step_dir / checkpoint.manifest_name(jax.process_index())).read_text())
       results.append(dict(save_s=save_seconds, manifest_s=manifest_seconds,
                           verify_s=verify_seconds, restore_with_verify_s=restore_seconds,
                           hashed_gib=sum(size for size, _ in manifest['files'].values()) / 2**30))

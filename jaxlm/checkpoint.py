@@ -36,7 +36,7 @@ _UNFINISHED = 'no manifest (its save did not finish)'
 _WRITER = re.compile(r'(?:^|/)(?:ocdbt\.)?process_(\d+)(?:/|$)')
 
 
-def _manifest_name(process: int) -> str:
+def manifest_name(process: int) -> str:
   return f'{MANIFEST}.process_{process}.json'
 
 
@@ -71,13 +71,13 @@ def write_manifest(step_dir: epath.Path, process: int, num_processes: int) -> No
   """Records the files `process` wrote into `step_dir` (after its save has finished)."""
   manifest = {'num_processes': num_processes,
               'files': _own_file_digests(step_dir, process)}
-  tmp = step_dir / (_manifest_name(process) + '.tmp')
+  tmp = step_dir / (manifest_name(process) + '.tmp')
   tmp.write_text(json.dumps(manifest))
-  tmp.rename(step_dir / _manifest_name(process))
+  tmp.rename(step_dir / manifest_name(process))
 
 
 def _read_manifest(step_dir: epath.Path, process: int) -> dict | str:
-  path = step_dir / _manifest_name(process)
+  path = step_dir / manifest_name(process)
   if not path.exists():
     return _UNFINISHED if process == 0 else f'no manifest from process {process}'
   try:
