@@ -105,7 +105,8 @@ def main(argv):
 if __name__ == '__main__':
   # Flags live here so that other programs (and tests) can import several binaries.
   _CONFIG = cli.define_config('experiments/configs/tiny.py')
-  _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps, after one warm-up step.')
+  _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps, after one warm-up step.',
+                                lower_bound=1)
   _VOCAB = flags.DEFINE_integer('vocab_size', None,
                                 'Vocabulary size; default: config.tokenizer.vocab_size.')
   _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()

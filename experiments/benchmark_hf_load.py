@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from jaxlm import cli
 from jaxlm import hf
 from jaxlm import lm
 from jaxlm import model as model_lib

@@ -24,19 +24,23 @@ from jaxlm.data import shards
 from jaxlm.errors import UserError
 
 
-def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
+def validate(config) -> None:
   configs.validate(config, {'data.source': data_lib.SOURCES})
   if config.train.grad_accum_steps != 1:
     raise UserError('config.train.grad_accum_steps must be 1 for DPO (reference log-probs are '
                      'computed per batch); lower config.train.batch_size instead')
+
+
+def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
+  validate(config)
   tokenizer, model, world = post_training.start_from(config, workdir)
   configs.validate(config)
-  configs.save(config, workdir)
   seq_len = config.data.seq_len
   pairs = {split: post_training.examples(config.data, split, world,
                                          data_lib.preference_from_record,
                                          reward.world_pairs(config.data, config.seed))
            for split in ('train', 'eval')}
+  configs.save(config, workdir)
   train_rows = reward.pair_rows(tokenizer, pairs['train'], seq_len, 'train')
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):

@@ -32,9 +32,11 @@ if __name__ == '__main__':
   # Flags live here so that other programs (and tests) can import several binaries.
   _WORKDIR = flags.DEFINE_string('workdir', None, 'A pretraining workdir.', required=True)
   _PROMPTS = flags.DEFINE_multi_string('prompt', ['The pet of'], 'Prompts (repeat the flag).')
-  _MAX_TOKENS = flags.DEFINE_integer('max_tokens', 64, 'Tokens to generate per prompt.')
-  _TEMPERATURE = flags.DEFINE_float('temperature', 0.7, '0 is greedy.')
-  _TOP_K = flags.DEFINE_integer('top_k', 0, '0 keeps every token.')
-  _TOP_P = flags.DEFINE_float('top_p', 0.95, '1 keeps every token.')
+  _MAX_TOKENS = flags.DEFINE_integer('max_tokens', 64, 'Tokens to generate per prompt.',
+                                     lower_bound=1)
+  _TEMPERATURE = flags.DEFINE_float('temperature', 0.7, '0 is greedy.', lower_bound=0)
+  _TOP_K = flags.DEFINE_integer('top_k', 0, '0 keeps every token.', lower_bound=0)
+  _TOP_P = flags.DEFINE_float('top_p', 0.95, '1 keeps every token.', lower_bound=0,
+                              upper_bound=1)
   _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   cli.start(main)

@@ -31,6 +31,7 @@ from jaxlm import rl
 from jaxlm import sharding
 from jaxlm.data import post_training as data_lib
 from jaxlm.data import world as world_lib
+from jaxlm.errors import UserError
 
 POLICY_STAGES = ('base', 'sft', 'ppo', 'grpo', 'dpo')
 METRICS = ('eval/loss', 'eval/format_rate', 'eval/exact_match', 'eval/pairwise_accuracy',
@@ -57,6 +58,21 @@ def run_stages(config, workdir: str) -> dict[str, str]:
     with locking.hold(dirs[stage]):
       binary.train_and_evaluate(stage_config, dirs[stage])
   return dirs
+
+
+def validate(config, workdir: str) -> None:
+  """Every stage's config, checked before pretraining starts, so that a bad value in a later
+  stage fails in seconds, not after the stages before it have trained."""
+  stages = (('pretrain', pretrain), ('sft', sft), ('reward_model', reward_model),
+            ('grpo', rl_binary), ('ppo', rl_binary), ('dpo', dpo))
+  for stage, binary in stages:
+    stage_config = config[stage].copy_and_resolve_references()
+    if 'reward_workdir' in stage_config:  # as `run_stages` will set it
+      stage_config.reward_workdir = os.path.join(workdir, 'reward_model')
+    try:
+      binary.validate(stage_config)
+    except UserError as e:
+      raise UserError(f'config.{stage}: {e}') from e
 
 
 def report(config, dirs: dict[str, str]) -> dict[str, dict[str, float]]:
@@ -129,6 +145,7 @@ def main(argv):
   del argv
   metrics.configure_logging()
   workdir, config = _WORKDIR.value, cli.config_value(_CONFIG)
+  validate(config, workdir)
   with locking.hold(workdir):
     dirs = run_stages(config, workdir)
     summary = report(config, dirs)

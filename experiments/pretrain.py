@@ -20,14 +20,21 @@ from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import pipeline
 from jaxlm.data import shards
+from jaxlm.errors import UserError
+
+
+def validate(config) -> None:
+  configs.validate(config, {'data.source': pipeline.SOURCES})
+  if config.tokenizer.path and not os.path.exists(config.tokenizer.path):
+    raise UserError(f'config.tokenizer.path: no such file or directory: {config.tokenizer.path}')
 
 
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
-  configs.validate(config, {'data.source': pipeline.SOURCES})
+  validate(config)
   tokenizer = lm.start_from_hf(config, workdir) if config.init_hf else None
-  configs.save(config, workdir)
   train_docs, validation_docs = pipeline.text_sources(
       config.data, config.data.data_dir or os.path.join(workdir, 'tfds'))
+  configs.save(config, workdir)
   tokenizer = tokenizer or lm.tokenizer_for(config, workdir, train_docs)
   model = model_lib.Transformer(lm.model_config(config, tokenizer))
   mesh = sharding.make_mesh(config.mesh)

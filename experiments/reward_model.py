@@ -58,11 +58,14 @@ def _pair_metrics(model, mesh, batches):
   return evaluate
 
 
-def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
+def validate(config) -> None:
   configs.validate(config, {'data.source': data_lib.SOURCES})
+
+
+def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
+  validate(config)
   tokenizer, base_model, world = post_training.start_from(config, workdir)
   configs.validate(config)
-  configs.save(config, workdir)
   model = model_lib.ScalarHeadModel(base_model.config,
                                     reply_likelihood=config.reply_likelihood)
   seq_len = config.data.seq_len
@@ -70,6 +73,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
                                          data_lib.preference_from_record,
                                          reward.world_pairs(config.data, config.seed))
            for split in ('train', 'eval')}
+  configs.save(config, workdir)
   train_rows = reward.pair_rows(tokenizer, pairs['train'], seq_len, 'train')
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):

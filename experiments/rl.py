@@ -29,7 +29,12 @@ from jaxlm.data import shards
 from jaxlm.errors import UserError
 
 
-def _validate(config):
+def validate(config) -> None:
+  """Checks an RL config, whose training batch is the prompts of a step (every rollout of
+  `rollout.prompts_per_step` prompts trains in one step)."""
+  with config.unlocked():
+    config.train.batch_size = config.rollout.prompts_per_step
+    config.train.grad_accum_steps = 1
   configs.validate(config, {'data.source': data_lib.SOURCES, 'algorithm': rl.ALGORITHMS,
                             'critic': rl.CRITICS,
                             'reward': tuple(rl.REWARD_FUNCTIONS) + ('model',),
@@ -53,16 +58,12 @@ def _validate(config):
 
 
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
-  _validate(config)
+  validate(config)
   tokenizer, policy, world = post_training.start_from(config, workdir)
-  with config.unlocked():
-    config.train.batch_size = config.rollout.prompts_per_step
-    config.train.grad_accum_steps = 1
   configs.validate(config)
   if config.rollout.prompt_len + config.rollout.max_new_tokens > config.model.max_seq_len:
     raise UserError(f'config.rollout.prompt_len + max_new_tokens exceeds the model\'s '
                      f'max_seq_len ({config.model.max_seq_len})')
-  configs.save(config, workdir)
   # A separate critic starts as the reward model (when there is one), so it has its module.
   critic = (reward_lib.reward_model(config.reward_workdir, policy.config)
             if config.reward == 'model' and config.critic == 'separate'
@@ -74,6 +75,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   if config.reward != 'model' and not all(p.get('answer') for p in prompts):
     raise UserError(f'config.reward={config.reward!r} checks answers: every RL prompt needs an '
                      '"answer" (or use config.reward="model")')
+  configs.save(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     reference = post_training.load_initial_params(config, policy, mesh)

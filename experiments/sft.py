@@ -31,17 +31,21 @@ def conversation_rows(tokenizer, examples, seq_len, what):
   return rows
 
 
-def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
+def validate(config) -> None:
   configs.validate(config, {'data.source': data_lib.SOURCES})
+
+
+def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
+  validate(config)
   tokenizer, model, world = post_training.start_from(config, workdir)
   configs.validate(config)  # the model section now comes from the starting workdir
-  configs.save(config, workdir)
   train_examples = post_training.examples(config.data, 'train', world,
                                           data_lib.conversation_from_record,
                                           data_lib.world_sft_examples)
   eval_examples = post_training.examples(config.data, 'eval', world,
                                          data_lib.conversation_from_record,
                                          data_lib.world_sft_examples)
+  configs.save(config, workdir)
   seq_len = config.data.seq_len
   train_rows = conversation_rows(tokenizer, train_examples, seq_len, 'train')
   mesh = sharding.make_mesh(config.mesh)

@@ -7,6 +7,7 @@ import jax
 import ml_collections
 
 from jaxlm import model as model_lib
+from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.data import tfds_builders
 from jaxlm.errors import UserError
@@ -42,7 +43,8 @@ def _get(config, dotted: str):
 def validate(config: ml_collections.ConfigDict, choices: dict | None = None) -> None:
   """Raises ValueError naming the first invalid field and what is allowed.
 
-  Fields a config does not have are skipped; `choices` adds a binary's own enumerations.
+  Fields a config does not have are skipped; `choices` adds a binary's own enumerations. The
+  mesh is checked against this run's devices.
   """
   for field, allowed in {**CHOICES, **(choices or {})}.items():
     value = _get(config, field)
@@ -54,6 +56,8 @@ def validate(config: ml_collections.ConfigDict, choices: dict | None = None) -> 
       raise UserError(f'config.{field} must be positive, got {value!r}')
   if 'model' in config and 'num_heads' in config.model:  # not a stage's runtime choices alone
     _validate_model(config)
+  if 'vocab_size' in config.get('tokenizer', {}) and not config.tokenizer.get('path'):  # to train
+    tokenizer_lib.check_vocab_size(config.tokenizer.vocab_size)
   if config.train.batch_size % config.train.grad_accum_steps:
     raise UserError(f'config.train.batch_size ({config.train.batch_size}) must be divisible by '
                      f'config.train.grad_accum_steps ({config.train.grad_accum_steps})')
@@ -63,6 +67,8 @@ def validate(config: ml_collections.ConfigDict, choices: dict | None = None) -> 
   if needed and not _get(config, needed):
     raise UserError(f'config.{needed} must be set when config.data.source is '
                      f'{config.data.source!r}')
+  if 'mesh' in config:
+    _validate_mesh(config)
 
 
 def _validate_model(config) -> None:
@@ -77,6 +83,20 @@ def _validate_model(config) -> None:
                      f'config.model.max_seq_len ({m.max_seq_len})')
 
 
+# Split over the mesh's data and fsdp axes; RL's train batch is its prompts per step.
+BATCH_SIZES = ('rollout.prompts_per_step', 'train.batch_size', 'eval.batch_size')
+
+
+def _validate_mesh(config) -> None:
+  mesh = sharding.make_mesh(config.mesh)  # raises on sizes the devices do not divide into
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  for field in BATCH_SIZES:
+    value = _get(config, field)
+    if value is not _MISSING and value % shards:
+      raise UserError(f'config.{field} ({value}) must be divisible by the mesh\'s data x fsdp '
+                      f'({shards} devices)')
+
+
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index():
@@ -86,6 +106,8 @@ def save(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
+  if not os.path.isdir(workdir):
+    raise UserError(f'no such directory: {workdir} (a jaxlm workdir was expected)')
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise UserError(f'no config.json in {workdir}: is it a jaxlm workdir?')

@@ -164,6 +164,12 @@ def load_workdir(workdir: str):
   return config, tokenizer, model_lib.Transformer(model_config(config, tokenizer))
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` has saved a step at all (whether it restores, restoring tells)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def params_loader(workdir: str):
   """params -> the params of the newest verified checkpoint in `workdir`, with the shapes and
   shardings of the given ones. A missing checkpoint or another architecture is an error."""

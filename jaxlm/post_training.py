@@ -31,6 +31,9 @@ def start_from(config, workdir: str):
     raise UserError('config.init_workdir (or config.init_hf) must name what to start from '
                      '(e.g. --config.init_workdir=runs/tiny)')
   base_config, tokenizer, _ = lm.load_workdir(config.init_workdir)
+  if not lm.has_checkpoint(config.init_workdir):
+    raise UserError(f'config.init_workdir={config.init_workdir} has no checkpoint to start from: '
+                    'did its training save one?')
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     if not os.path.exists(tokenizer_lib.workdir_path(workdir)):

@@ -23,6 +23,14 @@ CHAT_TOKENS = ('<|system|>', '<|user|>', '<|assistant|>', '<|end_of_turn|>')
 MODEL_TYPES = ('bpe', 'unigram', 'char')
 
 
+def check_vocab_size(vocab_size: int) -> None:
+  """A vocabulary to train must hold a fallback id for every byte and the special tokens."""
+  smallest = 256 + len(CHAT_TOKENS) + 4
+  if vocab_size < smallest:
+    raise UserError(f'config.tokenizer.vocab_size must be at least {smallest} (256 byte '
+                    f'fallback ids and {smallest - 256} special tokens), got {vocab_size}')
+
+
 class Tokenizer:
   """jaxlm's own SentencePiece tokenizer, with jaxlm's chat template (`chat_template` None)."""
   bos_id, eos_id, pad_id = BOS_ID, EOS_ID, PAD_ID
@@ -52,11 +60,7 @@ class Tokenizer:
     """Trains on an iterable of strings and writes the model to `path`."""
     if model_type not in MODEL_TYPES:
       raise UserError(f'config.tokenizer.type must be one of {MODEL_TYPES}, got {model_type!r}')
-    # Every byte has its own fallback id, besides the special and chat tokens.
-    smallest = 256 + len(CHAT_TOKENS) + 4
-    if vocab_size < smallest:
-      raise UserError(f'config.tokenizer.vocab_size must be at least {smallest} (256 byte '
-                      f'fallback ids and {smallest - 256} special tokens), got {vocab_size}')
+    check_vocab_size(vocab_size)
     proto = io.BytesIO()
     try:
       spm.SentencePieceTrainer.train(
