@@ -39,6 +39,11 @@ METRICS = ('eval/loss', 'eval/format_rate', 'eval/exact_match', 'eval/pairwise_a
            'eval/hallucination_rate')
 
 
+# (stage, its binary, the stage it starts from), in training order.
+STAGES = (('sft', sft, 'base'), ('reward_model', reward_model, 'sft'), ('grpo', rl_binary, 'sft'),
+          ('ppo', rl_binary, 'sft'), ('dpo', dpo, 'sft'))
+
+
 def run_stages(config, workdir: str) -> dict[str, str]:
   """Trains every stage in order; returns {stage: workdir}."""
   dirs = {stage: os.path.join(workdir, stage)
@@ -46,9 +51,7 @@ def run_stages(config, workdir: str) -> dict[str, str]:
   metrics.log('== pretraining ==')
   with locking.hold(dirs['base']):
     pretrain.train_and_evaluate(config.pretrain, dirs['base'])
-  for stage, binary, init in (('sft', sft, 'base'), ('reward_model', reward_model, 'sft'),
-                              ('grpo', rl_binary, 'sft'), ('ppo', rl_binary, 'sft'),
-                              ('dpo', dpo, 'sft')):
+  for stage, binary, init in STAGES:
     metrics.log(f'== {stage} ==')
     stage_config = config[stage]
     with stage_config.unlocked():
@@ -63,9 +66,7 @@ def run_stages(config, workdir: str) -> dict[str, str]:
 def validate(config, workdir: str) -> None:
   """Every stage's config, checked before pretraining starts, so that a bad value in a later
   stage fails in seconds, not after the stages before it have trained."""
-  stages = (('pretrain', pretrain), ('sft', sft), ('reward_model', reward_model),
-            ('grpo', rl_binary), ('ppo', rl_binary), ('dpo', dpo))
-  for stage, binary in stages:
+  for stage, binary, _ in (('pretrain', pretrain, None), *STAGES):
     stage_config = config[stage].copy_and_resolve_references()
     if 'reward_workdir' in stage_config:  # as `run_stages` will set it
       stage_config.reward_workdir = os.path.join(workdir, 'reward_model')

@@ -141,7 +141,14 @@ def start(main) -> None:
   def main_on_user_error(argv):
     with exit_on_user_error():
       return main(argv)
-  app.run(main_on_user_error, flags_parser=_parse_flags)
+  try:
+    app.run(main_on_user_error, flags_parser=_parse_flags)
+  except SystemExit as e:
+    # absl ends a --help run with status 1; asking for help is not a failure.
+    if e.code == 1 and any(a in ('--help', '--helpshort', '--helpfull', '-h', '-?')
+                           for a in sys.argv[1:]):
+      sys.exit(0)
+    raise
 
 
 def run(train_and_evaluate, default_config: str) -> None:

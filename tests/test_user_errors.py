@@ -241,17 +241,9 @@ def test_user_error_is_one_line_naming_the_culprit(case, results, paths):
 def test_help_lists_the_flags(case, expected, results, paths):
   result = results[case.name]
   described = _describe(case, result, paths)
-  assert 'Traceback' not in result.stdout + result.stderr, described
+  assert result.returncode == 0 and 'Traceback' not in result.stdout + result.stderr, described
   for flag in expected:
     assert re.search(f'^  {flag}[:=]', result.stdout, re.MULTILINE), f'{flag}\n{described}'
-
-
-@pytest.mark.xfail(strict=True, reason="absl's --help exits with status 1; jaxlm.cli.start "
-                   'would have to end a --help run with 0')
-@pytest.mark.parametrize('case, expected', HELP_CASES[:1])
-def test_help_exits_with_status_0(case, expected, results):
-  del expected
-  assert results[case.name].returncode == 0
 
 
 def test_the_pipeline_config_passes_the_checks_made_before_pretraining(tmp_path):
