@@ -27,6 +27,7 @@ from jaxlm import model as model_lib
 from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.errors import UserError
+from tests import damage
 from tests import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,17 +36,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
-
-
-def _flip_a_byte(step_dir):
-  files = [os.path.join(d, f) for d, _, names in os.walk(step_dir) for f in names
-           if 'manifest' not in f]
-  path = max(files, key=os.path.getsize)
-  with open(path, 'r+b') as f:
-    f.seek(os.path.getsize(path) // 2)
-    byte = f.read(1)
-    f.seek(-1, 1)
-    f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def _saved_params(workdir, step):
@@ -64,7 +54,7 @@ def test_resume_stops_when_no_checkpoint_verifies_and_moves_nothing(tmp_path):
   first = {r['step']: r['train/loss'] for r in _metrics(workdir)}
   checkpoints = os.path.join(workdir, 'checkpoints')
   for step in ('4', '8'):
-    _flip_a_byte(os.path.join(checkpoints, step))
+    damage.flip_a_byte(os.path.join(checkpoints, step))
   with pytest.raises(checkpoint.UnusableCheckpoints) as error:
     pretrain.train_and_evaluate(config, workdir)
   message = str(error.value)
@@ -87,7 +77,7 @@ def test_a_damaged_latest_step_resumes_from_the_older_one_and_says_so(tmp_path, 
   workdir = str(tmp_path)
   config = tiny_config.config(steps=8)
   pretrain.train_and_evaluate(config, workdir)
-  _flip_a_byte(os.path.join(workdir, 'checkpoints', '8'))
+  damage.flip_a_byte(os.path.join(workdir, 'checkpoints', '8'))
   capsys.readouterr()
   pretrain.train_and_evaluate(config, workdir)
   out = capsys.readouterr().out

@@ -18,6 +18,7 @@ from jaxlm import model as model_lib
 from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm import lm
+from tests import damage
 from tests import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,28 +138,17 @@ def test_sigterm_saves_and_the_resumed_run_repeats_the_uninterrupted_losses(tmp_
                                 [expected[s] for s in sorted(expected)])
 
 
-def _flip_bytes(step_dir):
-  files = [os.path.join(d, f) for d, _, names in os.walk(step_dir) for f in names
-           if 'manifest' not in f and os.path.getsize(os.path.join(d, f)) > 1000]
-  path = max(files, key=os.path.getsize)
-  with open(path, 'r+b') as f:
-    f.seek(os.path.getsize(path) // 2)
-    byte = f.read(1)
-    f.seek(-1, 1)
-    f.write(bytes([byte[0] ^ 0xFF]))
-
-
 def _remove_manifest(step_dir):
   os.remove(os.path.join(step_dir, 'jaxlm_manifest.process_0.json'))
 
 
-@pytest.mark.parametrize('damage', [_flip_bytes, _remove_manifest])
-def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, damage, caplog):
+@pytest.mark.parametrize('harm', [damage.flip_a_byte, _remove_manifest])
+def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, harm, caplog):
   workdir = str(tmp_path)
   config = tiny_config.config(steps=8)  # checkpoints at 4 and 8
   pretrain.train_and_evaluate(config, workdir)
   first = _losses(workdir)
-  damage(os.path.join(workdir, 'checkpoints', '8'))
+  harm(os.path.join(workdir, 'checkpoints', '8'))
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w'):
     pass
   with caplog.at_level(logging.WARNING):
