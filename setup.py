@@ -28,6 +28,9 @@ setuptools.setup(
         'tensorflow-datasets>=4.9.7,<5',
         'array_record>=0.8,<0.9',
         'grain>=0.2.12,<0.3',
+        # Parquet and compressed JSONL pretraining files (jaxlm.data.files).
+        'pyarrow>=14',
+        'zstandard>=0.22',
         'importlib_resources',  # needed by tfds builders at run time
         'etils[epath]',
         # TensorBoard event files without TensorFlow.

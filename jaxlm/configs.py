@@ -27,8 +27,10 @@ POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_k
             'checkpoint.every', 'checkpoint.keep', 'log_every')
 
 
-NEEDED_BY_SOURCE = {'text': 'data.text_glob', 'tfds': 'data.tfds_name',
-                    'jsonl': 'data.jsonl_train'}
+# The field a source needs: the first of these the config has (pretraining reads JSONL from
+# data.files, post-training from data.jsonl_train).
+NEEDED_BY_SOURCE = {'text': ('data.text_glob',), 'tfds': ('data.tfds_name',),
+                    'parquet': ('data.files',), 'jsonl': ('data.files', 'data.jsonl_train')}
 _MISSING = object()
 
 
@@ -63,9 +65,10 @@ def validate(config: ml_collections.ConfigDict, choices: dict | None = None) -> 
                      f'config.train.grad_accum_steps ({config.train.grad_accum_steps})')
   if not 0.0 <= config.train.min_lr_ratio <= 1.0:
     raise UserError(f'config.train.min_lr_ratio must be in [0, 1], got {config.train.min_lr_ratio}')
-  needed = NEEDED_BY_SOURCE.get(config.data.source)
-  if needed and not _get(config, needed):
-    raise UserError(f'config.{needed} must be set when config.data.source is '
+  present = [field for field in NEEDED_BY_SOURCE.get(config.data.source, ())
+             if _get(config, field) is not _MISSING]
+  if present and not _get(config, present[0]):
+    raise UserError(f'config.{present[0]} must be set when config.data.source is '
                      f'{config.data.source!r}')
   if 'mesh' in config:
     _validate_mesh(config)

@@ -76,7 +76,7 @@ def test_pretraining_reads_local_text_files_into_a_relative_workdir(tmp_path, mo
 @pytest.mark.parametrize('field, value, message', [
     ('model.remat', 'sometimes', "config.model.remat must be one of ('none'"),
     ('model.num_kv_heads', 3, 'must be a multiple of config.model.num_kv_heads'),
-    ('data.source', 'web', "config.data.source must be one of ('world', 'text', 'tfds')"),
+    ('data.source', 'web', f'config.data.source must be one of {pipeline.SOURCES}'),
     ('data.seq_len', 4096, 'exceeds config.model.max_seq_len'),
     ('train.steps', 0, 'config.train.steps must be positive'),
 ])

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from experiments import pipeline
@@ -86,6 +88,13 @@ CASES = [
     # Data and tokenizer files.
     case('text_glob_matches_nothing', 'pretrain', r'config\.data\.text_glob.*nothing_here',
          '--config.data.source=text', '--config.data.text_glob={missing}/nothing_here/*.txt'),
+    case('parquet_glob_matches_nothing', 'pretrain', r'config\.data\.files.*nothing_here',
+         '--config.data.source=parquet', '--config.data.files={missing}/nothing_here/*.parquet'),
+    case('parquet_column_missing', 'pretrain', r"no_body\.parquet has no column 'body'.*'text'",
+         '--config.data.source=parquet', '--config.data.files={no_body}',
+         '--config.data.text_field=body'),
+    case('jsonl_files_unset', 'pretrain', r'config\.data\.files must be set',
+         '--config.data.source=jsonl'),
     case('tfds_dataset_not_prepared', 'pretrain', r'no_such_dataset',
          '--config.data.source=tfds', '--config.data.tfds_name=no_such_dataset'),
     case('tokenizer_path_missing', 'pretrain', r'config\.tokenizer\.path.*missing/tokenizer',
@@ -186,11 +195,13 @@ def paths(tmp_path_factory, tokenizer):
                                  '  raise KeyError("no ladder")\n')
   (tmp / 'bad_json.jsonl').write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a",\n')
   (tmp / 'missing_fields.jsonl').write_text('{"prompt": "a"}\n')
+  pq.write_table(pa.table({'text': ['a document']}), tmp / 'no_body.parquet')
   named = {'base', 'no_checkpoint', 'garbage_tokenizer', 'empty_tokenizer', 'empty_dir'}
   return {'tmp': str(tmp), 'missing': str(tmp / 'missing'),
           **{name: str(tmp / name) for name in named},
           **{name: str(tmp / f'{name}.py') for name in ('syntax_error', 'raises')},
-          **{name: str(tmp / f'{name}.jsonl') for name in ('bad_json', 'missing_fields')}}
+          **{name: str(tmp / f'{name}.jsonl') for name in ('bad_json', 'missing_fields')},
+          'no_body': str(tmp / 'no_body.parquet')}
 
 
 @dataclasses.dataclass

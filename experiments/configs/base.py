@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      source='world',  # world | text | tfds
+      source='world',  # world | text | tfds | parquet | jsonl
       seq_len=256,
       # Disjoint parts of the training data, split between the processes; 0: one per process.
       # Fix it to resume on another number of hosts with the same batches.
@@ -38,6 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
       world_seed=0, num_train_docs=50_000, num_validation_docs=1_000,
       # Local text files.
       text_glob='', split_by='file', validation_fraction=0.05,
+      # Parquet or JSONL files (.jsonl, .jsonl.gz, .jsonl.zst): comma-separated globs, local or
+      # gs://, and the column or field holding each document.
+      files='', text_field='text',
+      # Comma-separated globs of the validation split, for text, parquet and jsonl (left out of
+      # training); empty: validation_fraction of the documents, by a hash of file and row.
+      validation_files='',
       # A TFDS catalog dataset prepared as ArrayRecord (never downloaded by jaxlm).
       tfds_name='', tfds_data_dir='', tfds_train_split='train', tfds_validation_split='validation',
   ))

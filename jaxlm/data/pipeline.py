@@ -13,10 +13,11 @@ import grain
 import grain.experimental as grain_experimental
 import numpy as np
 
+from jaxlm.data import files
 from jaxlm.data import tfds_builders
 from jaxlm.errors import UserError
 
-SOURCES = ('world', 'text', 'tfds')
+SOURCES = ('world', 'text', 'tfds', *files.SOURCES)
 
 
 def text_sources(data_config, data_dir: str):
@@ -28,10 +29,13 @@ def text_sources(data_config, data_dir: str):
     train, validation = (builder.as_data_source(split=s) for s in ('train', 'validation'))
   elif data_config.source == 'text':
     builder = tfds_builders.prepared(lambda: tfds_builders.local_text_builder(
-        data_config.text_glob, data_config.split_by, data_config.validation_fraction, data_dir))
+        data_config.text_glob, data_config.split_by, data_config.validation_fraction, data_dir,
+        data_config.validation_files))
     train, validation = (builder.as_data_source(split=s) for s in ('train', 'validation'))
   elif data_config.source == 'tfds':
     train, validation = _catalog_sources(data_config)
+  elif data_config.source in files.SOURCES:
+    train, validation = files.sources(data_config, data_dir)
   else:
     raise UserError(f'config.data.source must be one of {SOURCES}, got {data_config.source!r}')
   return (grain.MapDataset.source(train).map(_document_text),

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 
 from jaxlm import distributed
 
+from jaxlm.data import files as files_lib
 from jaxlm.data import world as world_lib
 from jaxlm.errors import UserError
 
@@ -37,14 +38,16 @@ class LocalTextConfig(tfds.core.BuilderConfig):
   pattern: str = ''
   split_by: str = 'file'
   validation_fraction: float = 0.05
+  validation_files: tuple[str, ...] = ()  # when set, the validation split, left out of training
   files_fingerprint: str = ''  # paths, sizes and times: edited files are prepared anew
 
 
 class LocalText(tfds.core.GeneratorBasedBuilder):
   """Documents from local text files: one per file, or one per non-empty line.
 
-  A document goes to `validation` when a hash of its file path (and line number) falls below
-  `validation_fraction`, so the split is stable when files are added.
+  With `validation_files` those are the validation split; otherwise a document goes to
+  `validation` when a hash of its file path (and line number) falls below `validation_fraction`,
+  so the split is stable when files are added.
   """
   VERSION = VERSION
 
@@ -56,7 +59,12 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in ('train', 'validation')}
 
   def _generate_examples(self, split):
-    paths = sorted(globlib.glob(self.builder_config.pattern, recursive=True))
+    c = self.builder_config
+    held_out = list(c.validation_files)
+    paths = sorted(set(os.path.abspath(p) for p in globlib.glob(c.pattern, recursive=True))
+                   - set(held_out))
+    if held_out and split == 'validation':
+      paths = held_out
     for path in paths:
       with open(path, encoding='utf-8', errors='replace') as f:
         text = f.read()
@@ -66,7 +74,7 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
           continue
         key = f'{path}:{i}'
         fraction = int(hashlib.md5(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        if (fraction < self.builder_config.validation_fraction) == (split == 'validation'):
+        if held_out or (fraction < c.validation_fraction) == (split == 'validation'):
           yield key, {'text': doc}
 
 
@@ -100,15 +108,21 @@ class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
 
 
 def local_text_builder(pattern: str, split_by: str, validation_fraction: float,
-                       data_dir: str) -> LocalText:
+                       data_dir: str, validation_globs: str = '') -> LocalText:
+  """`validation_globs`: comma-separated globs of the validation files (config.data
+  .validation_files); empty: a `validation_fraction` of the documents."""
   if split_by not in SPLIT_BY:
     raise UserError(f'config.data.split_by must be one of {SPLIT_BY}, got {split_by!r}')
   paths = sorted(globlib.glob(pattern, recursive=True))
   if not paths:
     raise UserError(f'config.data.text_glob matches no files: {pattern!r}')
-  files = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+  validation = (files_lib.glob_files(validation_globs, 'data.validation_files')
+                if validation_globs else [])
+  files = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+           for p in sorted(set(map(os.path.abspath, paths)) | set(validation))]
   fields = dict(pattern=os.path.abspath(pattern), split_by=split_by,
-                validation_fraction=validation_fraction, files_fingerprint=_content_hash(files))
+                validation_fraction=validation_fraction, validation_files=tuple(validation),
+                files_fingerprint=_content_hash(files))
   config = LocalTextConfig(name=_content_hash(fields), version=VERSION, **fields)
   return LocalText(config=config, data_dir=data_dir, file_format='array_record')
 
