@@ -1,4 +1,5 @@
-r"""Pretraining: next-token prediction on the built-in world, local text or a TFDS dataset.
+r"""Pretraining: next-token prediction on the built-in world, local text, a TFDS dataset or
+data pretokenized by experiments.tokenize_data.
 
   python -m experiments.pretrain --config=experiments/configs/tiny.py --workdir=/tmp/tiny \
       --config.train.steps=2000
@@ -20,6 +21,7 @@ from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import pipeline
 from jaxlm.data import shards
+from jaxlm.data import tokenized
 from jaxlm.errors import UserError
 
 
@@ -32,8 +34,13 @@ def validate(config) -> None:
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   validate(config)
   tokenizer = lm.start_from_hf(config, workdir) if config.init_hf else None
-  train_docs, validation_docs = pipeline.text_sources(
-      config.data, config.data.data_dir or os.path.join(workdir, 'tfds'))
+  if config.data.source == 'tokens':
+    # The tokenizer that made the tokens; the saved config names it for the later stages.
+    config.tokenizer.path = tokenized.tokenizer_path(config.data.token_dir)
+    train_docs, validation_docs = pipeline.token_sources(config.data)
+  else:
+    train_docs, validation_docs = pipeline.text_sources(
+        config.data, config.data.data_dir or os.path.join(workdir, 'tfds'))
   configs.save(config, workdir)
   tokenizer = tokenizer or lm.tokenizer_for(config, workdir, train_docs)
   model = model_lib.Transformer(lm.model_config(config, tokenizer))

@@ -30,7 +30,8 @@ POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_k
 # The field a source needs: the first of these the config has (pretraining reads JSONL from
 # data.files, post-training from data.jsonl_train).
 NEEDED_BY_SOURCE = {'text': ('data.text_glob',), 'tfds': ('data.tfds_name',),
-                    'parquet': ('data.files',), 'jsonl': ('data.files', 'data.jsonl_train')}
+                    'parquet': ('data.files',), 'jsonl': ('data.files', 'data.jsonl_train'),
+                    'tokens': ('data.token_dir',)}
 _MISSING = object()
 
 

@@ -237,6 +237,9 @@ def initial_params_loader(config):
 
 
 def sample_prompts(documents, tokenizer, num: int, prompt_tokens: int) -> list[str]:
-  """The first `prompt_tokens` tokens of the first held-out documents, as text."""
-  return [tokenizer.decode(tokenizer.encode(documents[i])[:prompt_tokens])
+  """The first `prompt_tokens` tokens of the first held-out documents (strings, or tokenized:
+  their targets are the document's ids then eos), as text."""
+  def ids(doc):
+    return doc['targets'][:-1] if isinstance(doc, dict) else tokenizer.encode(doc)
+  return [tokenizer.decode(ids(documents[i])[:prompt_tokens])
           for i in range(min(num, len(documents)))]

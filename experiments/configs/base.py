@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
       validation_files='',
       # A TFDS catalog dataset prepared as ArrayRecord (never downloaded by jaxlm).
       tfds_name='', tfds_data_dir='', tfds_train_split='train', tfds_validation_split='validation',
+      # A directory experiments.tokenize_data wrote (source 'tokens'); its tokenizer is used.
+      token_dir='',
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -15,9 +15,10 @@ import numpy as np
 
 from jaxlm.data import files
 from jaxlm.data import tfds_builders
+from jaxlm.data import tokenized
 from jaxlm.errors import UserError
 
-SOURCES = ('world', 'text', 'tfds', *files.SOURCES)
+SOURCES = ('world', 'text', 'tfds', 'tokens', *files.SOURCES)
 
 
 def text_sources(data_config, data_dir: str):
@@ -67,12 +68,29 @@ def _document_text(record) -> str:
   return text.decode('utf-8') if isinstance(text, (bytes, np.bytes_)) else str(text)
 
 
-def tokenize_document(tokenizer, text: str) -> dict[str, np.ndarray]:
-  """[bos] doc [eos] (no bos for tokenizers without one), shifted into aligned inputs and
-  targets."""
+def token_sources(data_config):
+  """(train, validation) random-access sources of the documents `experiments.tokenize_data`
+  tokenized into `data_config.token_dir`, as `tokenize_document` makes them."""
+  return tuple(
+      grain.MapDataset.source(grain.sources.ArrayRecordDataSource(
+          tokenized.split_paths(data_config.token_dir, split))).map(
+              lambda record: _shifted(tokenized.record_ids(record)))
+      for split in tokenized.SPLITS)
+
+
+def document_ids(tokenizer, text: str) -> np.ndarray:
+  """[bos] doc [eos] (no bos for tokenizers without one)."""
   bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-  ids = np.asarray(bos + tokenizer.encode(text) + [tokenizer.eos_id], np.int32)
+  return np.asarray(bos + tokenizer.encode(text) + [tokenizer.eos_id], np.int32)
+
+
+def _shifted(ids: np.ndarray) -> dict[str, np.ndarray]:
   return {'inputs': ids[:-1], 'targets': ids[1:]}
+
+
+def tokenize_document(tokenizer, text: str) -> dict[str, np.ndarray]:
+  """A document's ids shifted into aligned inputs and targets."""
+  return _shifted(document_ids(tokenizer, text))
 
 
 def _finish_row(row):
@@ -88,13 +106,15 @@ def _finish_row(row):
 def packed_batches(documents: grain.MapDataset, tokenizer, seq_len: int, batch_size: int,
                    seed: int, shuffle: bool = True, repeat: bool = True,
                    shard_index: int = 0, num_shards: int = 1) -> grain.IterDataset:
-  """Batches of packed rows from shard `shard_index` of the documents."""
+  """Batches of packed rows from shard `shard_index` of the documents (strings, or already
+  tokenized by `token_sources`)."""
   ds = documents[shard_index::num_shards]
   if shuffle:
     ds = ds.shuffle(seed=seed)  # reshuffled every epoch
   if repeat:
     ds = ds.repeat(None)
-  ds = ds.map(lambda text: tokenize_document(tokenizer, text)).to_iter_dataset(
+  ds = ds.map(lambda doc: doc if isinstance(doc, dict) else tokenize_document(tokenizer, doc))
+  ds = ds.to_iter_dataset(
       grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=64))
   ds = grain_experimental.ConcatThenSplitIterDataset(
       ds, length_struct={'inputs': seq_len, 'targets': seq_len})
