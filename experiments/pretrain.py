@@ -19,6 +19,7 @@ from jaxlm import metrics
 from jaxlm import model as model_lib
 from jaxlm import sharding
 from jaxlm import trainer
+from jaxlm.data import mixture
 from jaxlm.data import pipeline
 from jaxlm.data import shards
 from jaxlm.data import tokenized
@@ -65,7 +66,8 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     stage = trainer.Stage(
         init_params=lm.init_params_fn(model, config.data.seq_len),
         load_params=lm.initial_params_loader(config) if config.init_hf else None,
-        loss_fn=trainer.language_model_loss(model, config.train.z_loss),
+        loss_fn=trainer.language_model_loss(model, config.train.z_loss,
+                                            mixture.source_names(train_docs)),
         train_batches=shards.ShardedBatches(
             lambda shard, num_shards, rows: pipeline.packed_batches(
                 train_docs, tokenizer, config.data.seq_len, rows, seed=config.seed,

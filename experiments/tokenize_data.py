@@ -66,6 +66,9 @@ def tokenize(config, out: str, num_workers: int, shard_docs: int, host_index: in
   if config.data.source == 'tokens':
     raise UserError("config.data.source='tokens' is already tokenized; give the config of the "
                     'documents to tokenize')
+  if config.data.mixture:
+    raise UserError('config.data.mixture: tokenize one source at a time (a mixture is drawn '
+                    'from its sources while training)')
   if not 0 <= host_index < num_hosts:
     raise UserError(f'--host_index={host_index} must be in [0, --num_hosts={num_hosts})')
   os.makedirs(out, exist_ok=True)

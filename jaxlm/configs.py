@@ -9,6 +9,7 @@ import ml_collections
 from jaxlm import model as model_lib
 from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.data import mixture
 from jaxlm.data import tfds_builders
 from jaxlm.errors import UserError
 
@@ -71,6 +72,8 @@ def validate(config: ml_collections.ConfigDict, choices: dict | None = None) -> 
   if present and not _get(config, present[0]):
     raise UserError(f'config.{present[0]} must be set when config.data.source is '
                      f'{config.data.source!r}')
+  if config.data.get('mixture'):
+    mixture.entries(config.data)
   if 'mesh' in config:
     _validate_mesh(config)
 

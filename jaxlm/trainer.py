@@ -67,13 +67,18 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
                   mask=lambda p: weight_decay_mask(p, train_config.decay_embeddings)))
 
 
-def language_model_loss(model: nn.Module, z_loss: float = 0.0) -> LossFn:
-  """Next-token loss on a packed batch; `weights` selects the counted targets (SFT: the replies)."""
+def language_model_loss(model: nn.Module, z_loss: float = 0.0,
+                        source_names: tuple[str, ...] = ()) -> LossFn:
+  """Next-token loss on a packed batch; `weights` selects the counted targets (SFT: the replies).
+  With the `source_names` of a data mixture it also reports each source's share of the counted
+  tokens (`source_share/<name>`), from the batch's `source_ids`."""
   def loss_fn(params, batch, rng):
     del rng
     logits, _ = model.apply({'params': params}, batch['inputs'], batch['positions'],
                             batch['segment_ids'])
     sums = losses.cross_entropy(logits, batch['targets'], batch['weights'], z_loss)
+    for index, name in enumerate(source_names):
+      sums[f'source_share/{name}'] = jnp.sum(batch['weights'] * (batch['source_ids'] == index))
     return sums['loss'], sums
   return loss_fn
 

@@ -88,6 +88,7 @@ def test_packed_rows_say_which_source_each_token_came_from(tokenizer):
     ({'source': 'world', 'weight': 0}, r'mixture\[1\]\.weight must be a positive number'),
     ({'source': 'world', 'weight': 1, 'colour': 'red'}, r"mixture\[1\] sets 'colour'"),
     ({'source': 'world', 'weight': 1, 'mixture': ()}, r"mixture\[1\] sets 'mixture'"),
+    ({'source': 'tokens', 'weight': 1}, r"mixture\[1\]: .*source 'tokens' is not supported"),
     ('world', r'mixture\[1\] must be a dict'),
 ])
 def test_a_bad_mixture_entry_is_named(entry, message):

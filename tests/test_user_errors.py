@@ -95,6 +95,10 @@ CASES = [
          '--config.data.text_field=body'),
     case('jsonl_files_unset', 'pretrain', r'config\.data\.files must be set',
          '--config.data.source=jsonl'),
+    case('mixture_weight_not_positive', 'pretrain',
+         r'config\.data\.mixture\[1\]\.weight must be a positive number, got 0',
+         "--config.data.mixture=({{'source': 'world', 'weight': 1}}, {{'source': 'world', "
+         "'weight': 0}})"),  # braces doubled: case arguments are format strings
     case('tfds_dataset_not_prepared', 'pretrain', r'no_such_dataset',
          '--config.data.source=tfds', '--config.data.tfds_name=no_such_dataset'),
     case('tokenizer_path_missing', 'pretrain', r'config\.tokenizer\.path.*missing/tokenizer',

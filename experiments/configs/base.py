@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
       # Comma-separated globs of the validation split, for text, parquet and jsonl (left out of
       # training); empty: validation_fraction of the documents, by a hash of file and row.
       validation_files='',
+      # Several sources drawn from by weight, each a dict of the fields above it sets and its
+      # 'weight' (and 'name'): see jaxlm/data/mixture.py. Empty: the one source above.
+      mixture=(),
       # A TFDS catalog dataset prepared as ArrayRecord (never downloaded by jaxlm).
       tfds_name='', tfds_data_dir='', tfds_train_split='train', tfds_validation_split='validation',
       # A directory experiments.tokenize_data wrote (source 'tokens'); its tokenizer is used.

@@ -69,6 +69,9 @@ def entries(data_config) -> list[tuple[str, float, dict]]:
     unknown = sorted(field for field in fields if field == 'mixture' or field not in data_config)
     if unknown:
       raise UserError(f'{where} sets {unknown[0]!r}, which is not a config.data field')
+    if fields.get('source', data_config.source) == 'tokens':
+      raise UserError(f"{where}: a mixture draws from documents; source 'tokens' is not "
+                      'supported in one')
     result.append((name, float(weight), fields))
   names = [name for name, _, _ in result]
   if len(set(names)) < len(names):

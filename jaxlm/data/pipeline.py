@@ -14,6 +14,7 @@ import grain.experimental as grain_experimental
 import numpy as np
 
 from jaxlm.data import files
+from jaxlm.data import mixture
 from jaxlm.data import tfds_builders
 from jaxlm.data import tokenized
 from jaxlm.errors import UserError
@@ -22,7 +23,10 @@ SOURCES = ('world', 'text', 'tfds', 'tokens', *files.SOURCES)
 
 
 def text_sources(data_config, data_dir: str):
-  """(train, validation) random-access sources of document strings."""
+  """(train, validation) random-access sources of document strings; for a mixture of sources
+  the training documents are a `mixture.Mixture`."""
+  if data_config.get('mixture'):
+    return mixture.sources(data_config, data_dir, text_sources)
   if data_config.source == 'world':
     builder = tfds_builders.prepared(lambda: tfds_builders.synthetic_world_builder(
         data_config.world_seed, data_config.num_train_docs, data_config.num_validation_docs,
@@ -93,29 +97,38 @@ def tokenize_document(tokenizer, text: str) -> dict[str, np.ndarray]:
   return _shifted(document_ids(tokenizer, text))
 
 
+def _with_source(index: int, document: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {**document, 'sources': np.full_like(document['inputs'], index)}
+
+
 def _finish_row(row):
-  return {
+  finished = {
       'inputs': row['inputs'].astype(np.int32),
       'targets': row['targets'].astype(np.int32),
       'segment_ids': row['inputs_segment_ids'].astype(np.int32),
       'positions': row['inputs_positions'].astype(np.int32),
       'weights': (row['inputs_segment_ids'] != 0).astype(np.float32),
   }
+  if 'sources' in row:
+    finished['source_ids'] = row['sources'].astype(np.int32)
+  return finished
 
 
-def packed_batches(documents: grain.MapDataset, tokenizer, seq_len: int, batch_size: int,
-                   seed: int, shuffle: bool = True, repeat: bool = True,
+def packed_batches(documents: grain.MapDataset | mixture.Mixture, tokenizer, seq_len: int,
+                   batch_size: int, seed: int, shuffle: bool = True, repeat: bool = True,
                    shard_index: int = 0, num_shards: int = 1) -> grain.IterDataset:
   """Batches of packed rows from shard `shard_index` of the documents (strings, or already
-  tokenized by `token_sources`)."""
-  ds = documents[shard_index::num_shards]
-  if shuffle:
-    ds = ds.shuffle(seed=seed)  # reshuffled every epoch
-  if repeat:
-    ds = ds.repeat(None)
-  ds = ds.map(lambda doc: doc if isinstance(doc, dict) else tokenize_document(tokenizer, doc))
+  tokenized by `token_sources`); a mixture's rows also carry `source_ids`."""
+  is_mixture = isinstance(documents, mixture.Mixture)
+  ds = mixture.document_order(documents, seed, shuffle, repeat, shard_index, num_shards)
+  tokens = lambda doc: doc if isinstance(doc, dict) else tokenize_document(tokenizer, doc)
+  if is_mixture:  # each token carries the index of its source
+    ds = ds.map(lambda pair: _with_source(pair[0], tokens(pair[1])))
+  else:
+    ds = ds.map(tokens)
   ds = ds.to_iter_dataset(
       grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=64))
+  fields = ('inputs', 'targets', 'sources') if is_mixture else ('inputs', 'targets')
   ds = grain_experimental.ConcatThenSplitIterDataset(
-      ds, length_struct={'inputs': seq_len, 'targets': seq_len})
+      ds, length_struct={field: seq_len for field in fields})
   return ds.map(_finish_row).batch(batch_size, drop_remainder=repeat)
