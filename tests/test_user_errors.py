@@ -155,6 +155,12 @@ CASES = [
     # The other binaries.
     case('scaling_zero_budget', 'scaling', r'config\.budget_flops must be positive',
          '--config.budget_flops=0'),
+    case('tokenize_data_without_out', 'tokenize_data', r'--out'),
+    case('tokenize_data_of_a_mixture', 'tokenize_data', r'config\.data\.mixture: tokenize one',
+         '--out={missing}/tokens',
+         "--config.data.mixture=({{'source': 'world', 'weight': 1}},)"),
+    case('training_on_unfinished_tokens', 'pretrain', r'tokenized\.json.*tokenize_data',
+         '--config.data.source=tokens', '--config.data.token_dir={empty_dir}'),
     case('benchmark_bad_override', 'benchmark', r'stepz', '--config.train.stepz=1'),
     case('benchmark_zero_steps', 'benchmark', r'--steps=0', '--steps=0'),
     case('benchmark_hf_load_without_dir', 'benchmark_hf_load', r'--dir'),
@@ -173,7 +179,8 @@ HELP = [  # binary, the flags its --help must list
     ('dpo', ('--config', '--workdir')), ('pipeline', ('--config', '--workdir')),
     ('scaling', ('--config', '--workdir')), ('benchmark', ('--config', '--steps')),
     ('generate', ('--workdir', '--prompt')), ('export_hf', ('--workdir', '--out')),
-    ('benchmark_hf_load', ('--config', '--dir')),
+    ('benchmark_hf_load', ('--config', '--dir')), ('benchmark_checkpoint', ('--config', '--dir')),
+    ('tokenize_data', ('--config', '--out', '--num_workers')),
 ]
 HELP_CASES = [pytest.param(Case(f'help_{binary}', binary, ('--help',)), expected, id=binary)
               for binary, expected in HELP]
