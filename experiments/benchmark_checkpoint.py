@@ -29,9 +29,9 @@ from jaxlm import sharding
 from jaxlm import trainer
 
 
-def _timed(fn):
+def _timed(fn, *args):
   start = time.perf_counter()
-  result = fn()
+  result = fn(*args)
   return result, time.perf_counter() - start
 
 
@@ -63,12 +63,12 @@ def benchmark(config, directory: str, what: str, repeats: int) -> dict:
       state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(repeat))
       jax.block_until_ready(state)
       saver = checkpoint.Checkpointer(directory, keep=1, async_save=False)
-      _, save_seconds = _timed(lambda: saver.save(1, state, {}))
+      _, save_seconds = _timed(saver.save, 1, state, {})
       _, manifest_seconds = _timed(saver.wait)
       saver.close()
       del state
       step_dir = epath.Path(directory) / '1'
-      _, verify_seconds = _timed(lambda: checkpoint.verify(step_dir))
+      _, verify_seconds = _timed(checkpoint.verify, step_dir)
       restorer = checkpoint.Checkpointer(directory, keep=1)
       restored, restore_seconds = _timed(lambda: jax.block_until_ready(
           restorer.restore_latest(abstract)))
