@@ -24,7 +24,8 @@ USER_ERROR_EXIT = 2
 
 
 def _wants_traceback() -> bool:
-  return '--traceback' in sys.argv
+  # Read from argv: a parse error or a bad override happens before absl has parsed the flag.
+  return any(re.fullmatch(r'--traceback(=(true|1))?', arg, re.IGNORECASE) for arg in sys.argv)
 
 
 def fail(message: str) -> None:

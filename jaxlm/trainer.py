@@ -35,7 +35,7 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
-  # Steps whose update was skipped for a non-finite loss or gradient: in a row, and in all.
+  # Steps whose update was skipped for a non-finite loss, gradient or update: in a row, and in all.
   nonfinite_streak: jax.Array
   nonfinite_steps: jax.Array
 
@@ -203,7 +203,7 @@ class _Preemption:
 
 
 class NonFiniteTraining(UserError):
-  """Too many steps in a row had a non-finite loss or gradient."""
+  """Too many steps in a row had a non-finite loss, gradient or update."""
 
 
 def _check_nonfinite(state: TrainState, step: int, max_in_a_row: int, reported: int) -> int:
@@ -212,12 +212,12 @@ def _check_nonfinite(state: TrainState, step: int, max_in_a_row: int, reported: 
   streak, total = (int(x) for x in jax.device_get((state.nonfinite_streak,
                                                    state.nonfinite_steps)))
   if total > reported:
-    metrics_lib.log(f'step {step}: skipped {total - reported} update(s) with a non-finite loss '
-                    f'or gradient ({total} in all, {streak} in a row).')
+    metrics_lib.log(f'step {step}: skipped {total - reported} update(s) with a non-finite loss, '
+                    f'gradient or update ({total} in all, {streak} in a row).')
   if streak >= max_in_a_row:
     raise NonFiniteTraining(
         f'step {step - streak + max_in_a_row}: {max_in_a_row} steps in a row had a non-finite '
-        'loss or gradient norm (config.train.max_nonfinite_steps); their updates were skipped '
+        'loss, gradient or update (config.train.max_nonfinite_steps); their updates were skipped '
         'and the checkpoints hold only finite parameters. Lower config.train.learning_rate or '
         'check the data.')
   return total
