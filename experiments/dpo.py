@@ -15,6 +15,7 @@ from jaxlm import cli
 from jaxlm import configs
 from jaxlm import dpo
 from jaxlm import lm
+from jaxlm import lora
 from jaxlm import post_training
 from jaxlm import reward
 from jaxlm import sharding
@@ -26,6 +27,7 @@ from jaxlm.errors import UserError
 
 def validate(config) -> None:
   configs.validate(config, {'data.source': data_lib.SOURCES})
+  lora.check(config, dropout_allowed=False)
   if config.train.grad_accum_steps != 1:
     raise UserError('config.train.grad_accum_steps must be 1 for DPO (reference log-probs are '
                      'computed per batch); lower config.train.batch_size instead')
@@ -33,8 +35,9 @@ def validate(config) -> None:
 
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   validate(config)
-  tokenizer, model, world = post_training.start_from(config, workdir)
+  tokenizer, base_model, world = post_training.start_from(config, workdir)
   configs.validate(config)
+  model = lora.for_config(base_model, config)
   seq_len = config.data.seq_len
   pairs = {split: post_training.examples(config.data, split, world,
                                          data_lib.preference_from_record,
@@ -44,14 +47,16 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   train_rows = reward.pair_rows(tokenizer, pairs['train'], seq_len, 'train')
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    with_reference = dpo.add_reference(model,
-                                       post_training.load_initial_params(config, model, mesh))
+    add_reference = dpo.reference_adder(base_model)
+    reference = post_training.load_initial_params(config, base_model, mesh)
     eval_batches = []
     if pairs['eval']:
-      eval_batches = [with_reference(sharding.put_batch(b, mesh))
+      eval_batches = [add_reference(reference, sharding.put_batch(b, mesh))
                       for b in reward.padded_pair_batches(
                           reward.pair_rows(tokenizer, pairs['eval'], seq_len, 'eval'),
                           config.eval.batch_size)]
+    if lora.enabled(config):  # the reference is the frozen base itself: no copy is kept
+      reference = None
 
     @jax.jit
     def eval_step(params, batch):
@@ -85,7 +90,8 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
         evaluate=evaluate,
         flops_per_token=model.config.flops_per_token(seq_len) * 4 / 3,  # + reference forward
         tokens_per_row=2 * seq_len,
-        prepare_batch=lambda state, local: with_reference(sharding.put_batch(local, mesh)))
+        prepare_batch=lambda state, local: add_reference(
+            state.frozen if reference is None else reference, sharding.put_batch(local, mesh)))
     return trainer.train(config, workdir, stage, mesh)
 
 

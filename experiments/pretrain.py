@@ -15,6 +15,7 @@ import jax
 from jaxlm import cli
 from jaxlm import configs
 from jaxlm import lm
+from jaxlm import lora
 from jaxlm import metrics
 from jaxlm import model as model_lib
 from jaxlm import sharding
@@ -28,6 +29,9 @@ from jaxlm.errors import UserError
 
 def validate(config) -> None:
   configs.validate(config, {'data.source': pipeline.SOURCES})
+  if lora.enabled(config) and not config.init_hf:
+    raise UserError('config.lora.rank > 0 trains adapters on a frozen model: continued '
+                    'pretraining needs config.init_hf to start from')
   if config.tokenizer.path and not os.path.exists(config.tokenizer.path):
     raise UserError(f'config.tokenizer.path: no such file or directory: {config.tokenizer.path}')
 
@@ -44,7 +48,8 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
         config.data, config.data.data_dir or os.path.join(workdir, 'tfds'))
   configs.save(config, workdir)
   tokenizer = tokenizer or lm.tokenizer_for(config, workdir, train_docs)
-  model = model_lib.Transformer(lm.model_config(config, tokenizer))
+  base_model = model_lib.Transformer(lm.model_config(config, tokenizer))
+  model = lora.for_config(base_model, config)
   mesh = sharding.make_mesh(config.mesh)
   metrics.log(f'{model.config.num_params():,} parameters; vocabulary {tokenizer.vocab_size} '
               f'(embedding {model.config.vocab_size}); mesh {dict(mesh.shape)}.')
@@ -66,8 +71,8 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     stage = trainer.Stage(
         init_params=lm.init_params_fn(model, config.data.seq_len),
         load_params=lm.initial_params_loader(config) if config.init_hf else None,
-        loss_fn=trainer.language_model_loss(model, config.train.z_loss,
-                                            mixture.source_names(train_docs)),
+        loss_fn=trainer.language_model_loss(lora.for_config(base_model, config, training=True),
+                                            config.train.z_loss, mixture.source_names(train_docs)),
         train_batches=shards.ShardedBatches(
             lambda shard, num_shards, rows: pipeline.packed_batches(
                 train_docs, tokenizer, config.data.seq_len, rows, seed=config.seed,

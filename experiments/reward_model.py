@@ -21,6 +21,7 @@ from absl import flags
 from jaxlm import cli
 from jaxlm import configs
 from jaxlm import lm
+from jaxlm import lora
 from jaxlm import metrics
 from jaxlm import model as model_lib
 from jaxlm import post_training
@@ -60,14 +61,16 @@ def _pair_metrics(model, mesh, batches):
 
 def validate(config) -> None:
   configs.validate(config, {'data.source': data_lib.SOURCES})
+  lora.check(config, dropout_allowed=False)
 
 
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   validate(config)
   tokenizer, base_model, world = post_training.start_from(config, workdir)
   configs.validate(config)
-  model = model_lib.ScalarHeadModel(base_model.config,
-                                    reply_likelihood=config.reply_likelihood)
+  model = lora.for_config(model_lib.ScalarHeadModel(base_model.config,
+                                                    reply_likelihood=config.reply_likelihood),
+                          config)
   seq_len = config.data.seq_len
   pairs = {split: post_training.examples(config.data, split, world,
                                          data_lib.preference_from_record,
@@ -97,7 +100,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     # Statistics over training pairs, for RL to normalise rewards with.
     stats_batches = reward.padded_pair_batches(train_rows[:config.eval.stats_pairs],
                                                config.eval.batch_size)
-    _, values = _pair_metrics(model, mesh, stats_batches)(state.params)
+    _, values = _pair_metrics(model, mesh, stats_batches)(trainer.all_params(state))
     valid = np.concatenate([np.tile(b['valid'], 2) for b in stats_batches]) > 0
     stats = reward.save_stats(
         workdir, np.concatenate([sharding.local_rows(v, mesh) for v in values])[valid])

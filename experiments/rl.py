@@ -16,6 +16,7 @@ import numpy as np
 from jaxlm import cli
 from jaxlm import configs
 from jaxlm import lm
+from jaxlm import lora
 from jaxlm import losses
 from jaxlm import metrics
 from jaxlm import model as model_lib
@@ -39,6 +40,7 @@ def validate(config) -> None:
                             'critic': rl.CRITICS,
                             'reward': tuple(rl.REWARD_FUNCTIONS) + ('model',),
                             'kl_estimator': losses.KL_KINDS})
+  lora.check(config, dropout_allowed=False)
   if config.reward == 'model' and not config.reward_workdir:
     raise UserError('config.reward_workdir must name a reward-model workdir when '
                      'config.reward is "model"')
@@ -59,15 +61,17 @@ def validate(config) -> None:
 
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   validate(config)
-  tokenizer, policy, world = post_training.start_from(config, workdir)
+  tokenizer, base_policy, world = post_training.start_from(config, workdir)
   configs.validate(config)
+  policy = lora.for_config(base_policy, config)
   if config.rollout.prompt_len + config.rollout.max_new_tokens > config.model.max_seq_len:
     raise UserError(f'config.rollout.prompt_len + max_new_tokens exceeds the model\'s '
                      f'max_seq_len ({config.model.max_seq_len})')
   # A separate critic starts as the reward model (when there is one), so it has its module.
-  critic = (reward_lib.reward_model(config.reward_workdir, policy.config)
-            if config.reward == 'model' and config.critic == 'separate'
-            else model_lib.ScalarHeadModel(policy.config))
+  reward_model = (reward_lib.reward_model(config.reward_workdir, policy.config)
+                  if config.reward == 'model' and config.critic == 'separate'
+                  else model_lib.ScalarHeadModel(policy.config))
+  critic = lora.for_config(reward_model, config)
   prompts = post_training.examples(config.data, 'train', world, data_lib.prompt_from_record,
                                    data_lib.world_prompts)
   eval_prompts = post_training.examples(config.data, 'eval', world, data_lib.prompt_from_record,
@@ -78,12 +82,15 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   configs.save(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    reference = post_training.load_initial_params(config, policy, mesh)
+    # With LoRA the reference is the policy with its adapters off: no second copy.
+    reference = (None if lora.enabled(config) else
+                 post_training.load_initial_params(config, policy, mesh))
     uses_reward_model = config.reward == 'model'
     scorer = rl.Scorer(
-        config, policy, critic, critic, reference,
-        lm.load_params(config.reward_workdir, critic, mesh) if uses_reward_model else None,
-        reward_lib.load_stats(config.reward_workdir) if uses_reward_model else None, mesh)
+        config, policy, critic, reward_model, reference,
+        lm.load_params(config.reward_workdir, reward_model, mesh) if uses_reward_model else None,
+        reward_lib.load_stats(config.reward_workdir) if uses_reward_model else None, mesh,
+        reference_model=base_policy)
     iterator = rl.PromptIterator(shards.ShardedBatches(
         lambda shard, num_shards, rows: grain.MapDataset.source(np.arange(len(prompts)))[
             shard::num_shards].shuffle(seed=config.seed).repeat(None).batch(rows)

@@ -13,6 +13,7 @@ import jax
 from jaxlm import cli
 from jaxlm import configs
 from jaxlm import lm
+from jaxlm import lora
 from jaxlm import metrics
 from jaxlm import post_training
 from jaxlm import sharding
@@ -37,8 +38,9 @@ def validate(config) -> None:
 
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   validate(config)
-  tokenizer, model, world = post_training.start_from(config, workdir)
-  configs.validate(config)  # the model section now comes from the starting workdir
+  tokenizer, base_model, world = post_training.start_from(config, workdir)
+  configs.validate(config)
+  model = lora.for_config(base_model, config)  # the model section now comes from the starting workdir
   train_examples = post_training.examples(config.data, 'train', world,
                                           data_lib.conversation_from_record,
                                           data_lib.world_sft_examples)
@@ -63,7 +65,8 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
     stage = trainer.Stage(
         init_params=lm.init_params_fn(model, seq_len),
         load_params=lm.initial_params_loader(config),
-        loss_fn=trainer.language_model_loss(model, config.train.z_loss),
+        loss_fn=trainer.language_model_loss(lora.for_config(base_model, config, training=True),
+                                            config.train.z_loss),
         train_batches=shards.ShardedBatches(
             lambda shard, num_shards, rows: data_lib.packed_conversation_batches(
                 train_rows, seq_len, rows, seed=config.seed, shard_index=shard,

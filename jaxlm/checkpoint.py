@@ -244,6 +244,22 @@ class Checkpointer:
       return (params['policy'] if is_rl else params), step
     return self._restore_newest(restore, set_aside=False, start_over=False)
 
+  def restore_saved_params(self, sharding):
+    """(params, step): the parameters of the newest verified step as they were saved (a LoRA
+    run's adapters and heads), each placed with `sharding`; an RL run's policy part. None if
+    there is no checkpoint."""
+    def restore(step):
+      saved = self._manager.item_metadata(step)['state'].tree['params']
+      is_rl = 'policy' in saved
+      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                              saved['policy'] if is_rl else saved)
+      item = {'policy': abstract} if is_rl else abstract
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=_pytree_restore({'params': item}, partial=True)))
+      params = restored['state']['params']
+      return (params['policy'] if is_rl else params), step
+    return self._restore_newest(restore, set_aside=False, start_over=False)
+
   def _restore_state(self, step, abstract_state):
     # Another model in the same workdir (a changed config) is the user's error, not damage.
     _check_shapes(self._manager.item_metadata(step)['state'].tree, abstract_state,

@@ -6,6 +6,7 @@ import os
 import jax
 import ml_collections
 
+from jaxlm import lora
 from jaxlm import model as model_lib
 from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
@@ -54,6 +55,7 @@ def validate(config: ml_collections.ConfigDict, choices: dict | None = None) -> 
     value = _get(config, field)
     if value is not _MISSING and value is not None and value not in allowed:
       raise UserError(f'config.{field} must be one of {allowed}, got {value!r}')
+  lora.check(config)
   for field in POSITIVE:
     value = _get(config, field)
     if value is not _MISSING and not value > 0:

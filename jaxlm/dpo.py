@@ -25,13 +25,13 @@ def pair_log_probs(model, params, batch):
   return jnp.split(both, 2)
 
 
-def add_reference(model, reference_params):
-  """batch -> batch with the frozen reference's reply log-probs added."""
+def reference_adder(model):
+  """(reference params, batch) -> batch with the frozen reference's reply log-probs added."""
   @jax.jit
   def add(params, batch):
     chosen, rejected = pair_log_probs(model, params, batch)
     return dict(batch, ref_chosen=chosen, ref_rejected=rejected)
-  return lambda batch: add(reference_params, batch)
+  return add
 
 
 def dpo_loss(model, beta: float, label_smoothing: float):

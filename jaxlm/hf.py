@@ -402,6 +402,41 @@ def export(directory: str, params, family: str, config: model_lib.ModelConfig, h
     json.dump({**hf_config, 'vocab_size': vocab}, f, indent=2)
 
 
+def export_peft(directory: str, adapters: dict, family: str, config: model_lib.ModelConfig,
+                lora_config, base_model: str = '') -> None:
+  """Writes LoRA adapters (`jaxlm.lora.adapter_pairs` of a model's params) in the PEFT layout:
+  `adapter_config.json` and `adapter_model.safetensors`, which `peft.PeftModel.from_pretrained`
+  loads onto the base model (`base_model`: its hub name or directory). PEFT stores A as
+  [rank, in] and B as [out, rank] and scales B @ A by lora_alpha / r, as jaxlm does."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  table = _tensor_table(family, config)
+  tensors, modules = {}, set()
+  for path, (a, b) in adapters.items():
+    pattern, transposed = table[path]
+    assert transposed and pattern.endswith('.weight'), path  # projections are stored [out, in]
+    a, b = _host(a), _host(b)
+    stem = 'base_model.model.' + pattern[:-len('.weight')]
+    layers = range(config.num_layers) if '{i}' in pattern else [None]
+    for i in layers:
+      name = stem.format(i=i)
+      tensors[f'{name}.lora_A.weight'] = np.ascontiguousarray((a if i is None else a[i]).T)
+      tensors[f'{name}.lora_B.weight'] = np.ascontiguousarray((b if i is None else b[i]).T)
+    modules.add(pattern.split('.')[-2])
+  if jax.process_index():
+    return
+  os.makedirs(directory, exist_ok=True)
+  save_file(tensors, os.path.join(directory, 'adapter_model.safetensors'),
+            metadata={'format': 'pt'})
+  adapter_config = {
+      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'base_model_name_or_path': base_model,
+      'r': lora_config.rank, 'lora_alpha': lora_config.alpha,
+      'lora_dropout': lora_config.dropout, 'target_modules': sorted(modules), 'bias': 'none',
+      'fan_in_fan_out': False, 'inference_mode': True, 'use_rslora': False,
+      'modules_to_save': None}
+  with open(os.path.join(directory, 'adapter_config.json'), 'w', encoding='utf-8') as f:
+    json.dump(adapter_config, f, indent=2)
+
+
 def llama_config(config: model_lib.ModelConfig, tokenizer) -> dict:
   """A Llama `config.json` for a model jaxlm trained from scratch (its default switches)."""
   changed = [f for f in ('qkv_bias', 'qk_norm', 'norm_zero_centered', 'post_norms',

@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,6 +16,7 @@ from jaxlm import checkpoint
 from jaxlm import configs
 from jaxlm import distributed
 from jaxlm import hf
+from jaxlm import lora
 from jaxlm import losses
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
@@ -172,19 +174,53 @@ def has_checkpoint(workdir: str) -> bool:
 
 def params_loader(workdir: str):
   """params -> the params of the newest verified checkpoint in `workdir`, with the shapes and
-  shardings of the given ones. A missing checkpoint or another architecture is an error."""
+  shardings of the given ones (whose LoRA adapters, if any, are kept as they are). A LoRA run's
+  parameters are its starting point's with its adapters merged in. A missing checkpoint or
+  another architecture is an error."""
   def load(like_params):
+    adapters, like_base = lora.split(like_params, lora.is_adapter)
     abstract_params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_params)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_base)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=1)
-    restored = checkpointer.restore_params(abstract_params)
+    run_config = (configs.load(workdir) if os.path.exists(os.path.join(workdir, 'config.json'))
+                  else None)
+    if run_config is not None and lora.enabled(run_config):
+      restored = _load_lora_run(checkpointer, run_config, abstract_params)
+    else:
+      restored = checkpointer.restore_params(abstract_params)
     checkpointer.close()
     if restored is None:
       raise UserError(f'no usable checkpoint in {workdir}/checkpoints')
     params, step = restored
     metrics_lib.log(f'Loaded the parameters of {workdir} at step {step}.')
-    return params
+    return lora.join(params, adapters)
   return load
+
+
+def _load_lora_run(checkpointer, run_config, abstract_params):
+  """(params, step) of a LoRA run: what it started from, its adapters folded in, and its heads."""
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+  some_sharding = jax.tree.leaves(shardings)[0]
+  restored = checkpointer.restore_saved_params(sharding.replicated(some_sharding.mesh))
+  if restored is None:
+    return None
+  trained, step = restored
+  heads, abstract_base = lora.split(abstract_params, lora.is_trainable)
+  start = initial_params_loader(run_config)
+  if 'transformer' in abstract_base:  # a reward model's or critic's backbone
+    base = {'transformer': start(abstract_base['transformer'])}
+  else:
+    base = start(abstract_base)
+  trained_heads = lora.split(trained, lambda path: not lora.is_adapter(path))[0]
+  missing = set(flax.traverse_util.flatten_dict(heads)) - set(
+      flax.traverse_util.flatten_dict(trained_heads))
+  if missing:
+    raise UserError(f'the LoRA checkpoint has no {"/".join(sorted(missing)[0])}: it holds '
+                    'another model')
+  merge = jax.jit(lambda base, trained: lora.merge(lora.join(base, trained),
+                                                   run_config.lora.alpha, run_config.lora.rank),
+                  out_shardings=shardings)
+  return merge(base, trained), step
 
 
 def load_params(workdir: str, model, mesh):

@@ -121,7 +121,7 @@ def rewards(model, params, tokens_BxL, reply_start_B, last_B):
   `ScalarHeadModel.reward`)."""
   segment_ids = (jnp.arange(tokens_BxL.shape[1]) <= last_B[:, None]).astype(jnp.int32)
   return model.apply({'params': params}, tokens_BxL, segment_ids, reply_start_B, last_B,
-                     method=model_lib.ScalarHeadModel.reward)
+                     method='reward')  # by name: LoRA's wrapped class intercepts it
 
 
 def pair_rewards(model, params, batch):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import chat
+from jaxlm import lora
 from jaxlm import losses
 from jaxlm import reward as reward_lib
 from jaxlm import sampling
@@ -212,7 +213,7 @@ def make_loss(policy, critic, rl_config):
 def make_step(loss_fn, optimizer, epochs: int, minibatches: int):
   """A pure `(state, batch) -> (state, metrics)`: `epochs` passes over the rollout batch in
   `minibatches` shuffled minibatches, one optimizer update each."""
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(trainer.with_frozen(loss_fn), has_aux=True)
   per_example = ('inputs', 'targets', 'segment_ids', 'mask', 'old_log_probs', 'ref_log_probs',
                  'advantages', 'old_values', 'returns')
 
@@ -225,7 +226,7 @@ def make_step(loss_fn, optimizer, epochs: int, minibatches: int):
     def update(carry, indices):
       params, opt_state = carry
       minibatch = {k: v[indices] if k in per_example else v for k, v in batch.items()}
-      (_, sums), grads = grad_fn(params, minibatch)
+      (_, sums), grads = grad_fn(params, state.frozen, minibatch)
       count = jnp.maximum(sums['count'], 1.0)
       grads = jax.tree.map(lambda g: g / count, grads)
       params, opt_state, _, finite = trainer.update_if_finite(optimizer, grads, sums['loss'],
@@ -294,9 +295,12 @@ class Scorer:
   """Turns rollouts into a training batch: rewards, reference log-probs, values, advantages."""
 
   def __init__(self, rl_config, policy, critic, reward_model, reference_params, reward_params,
-               reward_stats, mesh):
+               reward_stats, mesh, reference_model=None):
+    """`reference_params` None: the reference is `reference_model` (the policy without its
+    LoRA adapters) on the policy's own parameters without adapters, so no copy is held."""
     self.config, self.mesh = rl_config, mesh
     self.policy, self.critic, self.reward_model = policy, critic, reward_model
+    self.reference_model = reference_model or policy
     self.reference_params, self.reward_params = reference_params, reward_params
     self.reward_stats = reward_stats
     self._score = jax.jit(self._score_on_device)
@@ -317,10 +321,17 @@ class Scorer:
                                     rollouts.last_index_B + 1)
     return (raw - self.reward_stats['mean']) / self.reward_stats['std']
 
+  def reference(self, policy_params):
+    """The reference policy's parameters, given the current policy's."""
+    if self.reference_params is None:
+      return lora.without_adapters(policy_params)
+    return self.reference_params
+
   def _score_on_device(self, reference_params, arrays, rewards_B, kl_coef, value_params):
     c = self.config
     mask = arrays['mask']
-    ref_logp, _ = sequence_token_log_probs(self.policy, reference_params, arrays['inputs'],
+    ref_logp, _ = sequence_token_log_probs(self.reference_model, reference_params,
+                                           arrays['inputs'],
                                            arrays['targets'], arrays['segment_ids'])
     batch = dict(arrays, ref_log_probs=ref_logp * mask, rewards=rewards_B, kl_coef=kl_coef,
                  response_present=(jnp.sum(mask, axis=1) > 0).astype(jnp.float32))
@@ -344,9 +355,9 @@ class Scorer:
 
   def batch(self, state, rollouts: Rollouts, examples: list[dict], kl_coef: float):
     arrays = _arrays(rollouts)
-    value_params = (critic_params(state.params, self.config)
-                    if self.config.algorithm == 'ppo' else None)
-    return self._score(self.reference_params, arrays, self.rewards(rollouts, examples),
+    params = trainer.all_params(state)
+    value_params = critic_params(params, self.config) if self.config.algorithm == 'ppo' else None
+    return self._score(self.reference(params['policy']), arrays, self.rewards(rollouts, examples),
                        jnp.float32(kl_coef), value_params)
 
 
@@ -366,7 +377,7 @@ def make_prepare_batch(rl_config, tokenizer, policy, scorer: Scorer, prompts: li
   def prepare(state, batch):
     examples = [prompts[int(i)] for i in batch['indices']
                 for _ in range(c.rollout.samples_per_prompt)]
-    rollouts = rollout(policy, state.params['policy'], tokenizer, examples,
+    rollouts = rollout(policy, trainer.all_params(state)['policy'], tokenizer, examples,
                        jax.random.fold_in(state.rng, 1), prompt_len=c.rollout.prompt_len,
                        max_new_tokens=c.rollout.max_new_tokens,
                        temperature=c.rollout.temperature, mesh=mesh)
@@ -390,7 +401,7 @@ def make_evaluator(rl_config, tokenizer, policy, scorer: Scorer, examples: list[
               else examples[:c.eval.num_prompts])
   kl = jax.jit(lambda params, ref, a: jnp.sum(
       (sequence_token_log_probs(policy, params, a['inputs'], a['targets'], a['segment_ids'])[0]
-       - sequence_token_log_probs(policy, ref, a['inputs'], a['targets'],
+       - sequence_token_log_probs(scorer.reference_model, ref, a['inputs'], a['targets'],
                                   a['segment_ids'])[0]) * a['mask']))
 
   def evaluate(params, step):
@@ -412,7 +423,7 @@ def make_evaluator(rl_config, tokenizer, policy, scorer: Scorer, examples: list[
       kept = sharding.put_batch({'kept': (np.arange(batch_size) < keep).astype(np.float32)},
                                 mesh)['kept']
       arrays['mask'] = arrays['mask'] * kept[:, None]
-      kl_total += float(kl(params['policy'], scorer.reference_params, arrays))
+      kl_total += float(kl(params['policy'], scorer.reference(params['policy']), arrays))
     for example, reply in list(zip(examples, replies))[:c.eval.num_samples]:
       log(f'reply at step {step}: {example["messages"][-1]["content"]!r} -> {reply!r}')
     if checkable:

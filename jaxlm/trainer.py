@@ -19,6 +19,7 @@ import optax
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import distributed
+from jaxlm import lora
 from jaxlm import losses
 from jaxlm import metrics as metrics_lib
 from jaxlm import perf
@@ -38,6 +39,20 @@ class TrainState:
   # Steps whose update was skipped for a non-finite loss, gradient or update: in a row, and in all.
   nonfinite_streak: jax.Array
   nonfinite_steps: jax.Array
+  # Parameters that do not train (a LoRA run's base): not in the optimizer nor the checkpoints.
+  frozen: Any = flax.struct.field(default_factory=dict)
+
+
+def all_params(state: TrainState):
+  """The model's parameters: the trained ones and the frozen ones together."""
+  return lora.join(state.params, state.frozen) if state.frozen else state.params
+
+
+def with_frozen(loss_fn: Callable) -> Callable:
+  """loss(params, ...) -> loss(trained params, frozen params, ...): only the first is
+  differentiated."""
+  return lambda params, frozen, *args: loss_fn(lora.join(params, frozen) if frozen else params,
+                                                *args)
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
@@ -73,9 +88,8 @@ def language_model_loss(model: nn.Module, z_loss: float = 0.0,
   With the `source_names` of a data mixture it also reports each source's share of the counted
   tokens (`source_share/<name>`), from the batch's `source_ids`."""
   def loss_fn(params, batch, rng):
-    del rng
     logits, _ = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                            batch['segment_ids'])
+                            batch['segment_ids'], rngs={'dropout': rng})
     sums = losses.cross_entropy(logits, batch['targets'], batch['weights'], z_loss)
     for index, name in enumerate(source_names):
       sums[f'source_share/{name}'] = jnp.sum(batch['weights'] * (batch['source_ids'] == index))
@@ -111,20 +125,21 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   summed losses are added over microbatches and divided once by the total weight, so the update
   equals the one from the whole batch at once.
   """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(with_frozen(loss_fn), has_aux=True)
 
   def train_step(state: TrainState, batch):
     rng, step_rng = jax.random.split(state.rng)
     if grad_accum_steps == 1:
-      (_, sums), grads = grad_fn(state.params, batch, step_rng)
+      (_, sums), grads = grad_fn(state.params, state.frozen, batch, step_rng)
     else:
       def accumulate(carry, micro):
         index, micro_batch = micro
-        (_, micro_sums), micro_grads = grad_fn(state.params, micro_batch,
+        (_, micro_sums), micro_grads = grad_fn(state.params, state.frozen, micro_batch,
                                                jax.random.fold_in(step_rng, index))
         return jax.tree.map(jnp.add, carry, (micro_grads, micro_sums)), None
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], batch), step_rng)))
+          lambda: grad_fn(state.params, state.frozen, jax.tree.map(lambda x: x[0], batch),
+                          step_rng)))
       (grads, sums), _ = jax.lax.scan(
           accumulate, (zeros[1], zeros[0][1]), (jnp.arange(grad_accum_steps), batch))
     count = jnp.maximum(sums['count'], 1.0)
@@ -176,13 +191,16 @@ def abstract_params(boxed_shapes, mesh):
   return abstract, shardings
 
 
-def abstract_state(init_params, optimizer, mesh, rng):
-  """(ShapeDtypeStructs carrying shardings, shardings, init fn) of the train state."""
+def abstract_state(init_params, optimizer, mesh, rng, trainable=None):
+  """(ShapeDtypeStructs carrying shardings, shardings, init fn) of the train state. With a
+  `trainable(path)` predicate the other parameters go to `frozen`."""
   def init_boxed(rng):
     init_rng, state_rng = jax.random.split(rng)
-    params = init_params(init_rng)
+    params, frozen = init_params(init_rng), {}
+    if trainable is not None:
+      params, frozen = lora.split(params, trainable)
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(zero, params, optimizer.init(params), state_rng, zero, zero)
+    return TrainState(zero, params, optimizer.init(params), state_rng, zero, zero, frozen)
   abstract, shardings = abstract_params(jax.eval_shape(init_boxed, rng), mesh)
   return abstract, shardings, lambda rng: nn.meta.unbox(init_boxed(rng))
 
@@ -223,6 +241,10 @@ def _check_nonfinite(state: TrainState, step: int, max_in_a_row: int, reported: 
   return total
 
 
+def _count(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
 def _place(local, mesh, grad_accum_steps: int):
   if grad_accum_steps > 1:
     local = {k: v.reshape(grad_accum_steps, -1, *v.shape[1:]) for k, v in local.items()}
@@ -233,22 +255,36 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
   """Runs (or resumes) training; returns the final state. Call under `jax.set_mesh(mesh)`."""
   tc = config.train
   optimizer = make_optimizer(tc)
+  trainable = lora.is_trainable if lora.enabled(config) else None
   abstract, shardings, init_state = abstract_state(
-      stage.init_params, optimizer, mesh, jax.random.PRNGKey(config.seed))
+      stage.init_params, optimizer, mesh, jax.random.PRNGKey(config.seed), trainable)
+  if trainable is not None and not lora.split(abstract.params, lora.is_adapter)[0]:
+    raise UserError(f'config.lora.targets ({config.lora.targets!r}) matches no projection of the '
+                    'model (module paths look like layers/attention/query)')
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
       async_save=config.checkpoint.async_save)
   data_iterator = iter(stage.train_batches)
-  restored = checkpointer.restore_latest(abstract, config.checkpoint.start_over)
-  if restored is None:
+  restored = checkpointer.restore_latest(abstract.replace(frozen={}),
+                                         config.checkpoint.start_over)
+  if restored is None or trainable is not None:  # a LoRA run loads its base on resume too
     state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
     if stage.load_params is not None:
-      state = state.replace(params=stage.load_params(state.params))
+      params = stage.load_params(all_params(state))
+      if trainable is not None:
+        params, frozen = lora.split(params, trainable)
+        state = state.replace(frozen=frozen)
+      state = state.replace(params=params)
+  if restored is None:
     metrics_lib.log(f'Starting a new run in {workdir}.')
   else:
-    state, data_state, step = restored
+    restored_state, data_state, step = restored
+    state = restored_state.replace(frozen=state.frozen if trainable is not None else {})
     data_iterator.set_state(data_state)
     metrics_lib.log(f'Resuming from the checkpoint at step {step} in {workdir}.')
+  if trainable is not None:
+    metrics_lib.log(f'LoRA: training {_count(state.params):,} parameters; '
+                    f'{_count(state.frozen):,} frozen.')
 
   step_fn = (stage.make_step(optimizer) if stage.make_step else
              make_train_step(stage.loss_fn, optimizer, tc.grad_accum_steps))
@@ -259,7 +295,7 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
   writer = metrics_lib.MetricsWriter(workdir,
                                      resumed_step=-1 if restored is None else start_step)
   if restored is None and config.get('eval_at_start'):
-    scalars = stage.evaluate(state.params, 0)
+    scalars = stage.evaluate(all_params(state), 0)
     writer.write(0, scalars)
     metrics_lib.log('before training: ' + ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
   progress = metrics_lib.Progress(tc.steps, start_step)
@@ -286,7 +322,7 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
             'perf/mfu': tokens_per_sec * stage.flops_per_token / peak,
         })
         if evaluate:
-          scalars.update(stage.evaluate(state.params, step))
+          scalars.update(stage.evaluate(all_params(state), step))
           last_time = time.time()  # evaluation is not training throughput
         writer.write(step, scalars)
         metrics_lib.log(progress.line(step, scalars))
@@ -296,7 +332,7 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
                    and distributed.any_process(preemption.requested))
       if step % config.checkpoint.every == 0 or step == tc.steps or preempted:
         nonfinite = _check_nonfinite(state, step, tc.max_nonfinite_steps, nonfinite)
-        checkpointer.save(step, state, data_iterator.get_state())
+        checkpointer.save(step, state.replace(frozen={}), data_iterator.get_state())
       if preempted:
         checkpointer.wait()
         metrics_lib.log(f'SIGTERM: saved the checkpoint at step {step}; exiting.')

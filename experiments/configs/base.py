@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
       start_over=False,
   ))
   c.mesh = mesh_config()
+  c.lora = lora_config()
   return c
 
 
@@ -85,3 +86,17 @@ def mesh_config() -> ml_collections.ConfigDict:
   """
   return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
                                         dcn_data=1, dcn_fsdp=1, dcn_tensor=1, num_devices=0))
+
+
+def lora_config() -> ml_collections.ConfigDict:
+  """Low-rank adapters (`jaxlm.lora`); rank 0 trains every parameter.
+
+  With rank > 0 only the adapters (and a reward model's or critic's head) train, checkpoints hold
+  only them, and the reference of RL and DPO is the starting model: the base without adapters.
+  """
+  return ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0,
+      dropout=0.0,  # on the adapters' inputs, in training only (not in RL's loss)
+      # Module paths (re.fullmatch) that get adapters: every attention and MLP projection.
+      targets=r'(.*/)?(attention/(query|key|value|out)|mlp/(gate|up|down))',
+  ))

@@ -62,4 +62,5 @@ def get_config() -> ml_collections.ConfigDict:
       start_over=False,
   ))
   c.mesh = base.mesh_config()
+  c.lora = base.lora_config()
   return c
