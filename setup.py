@@ -44,6 +44,8 @@ setuptools.setup(
         'matplotlib>=3.8,<4',
         # Hugging Face checkpoints are safetensors files (read lazily, slice by slice).
         'safetensors>=0.4,<1',
+        # LoRA adapters (jaxlm.lora): the library MaxText and Tunix use; it handles nn.scan.
+        'qwix>=0.1.8,<0.2',
     ],
     extras_require={
         # shellcheck for tpu_scripts/; the official openai client talks to experiments.serve.

@@ -181,6 +181,7 @@ HELP = [  # binary, the flags its --help must list
     ('generate', ('--workdir', '--prompt')), ('export_hf', ('--workdir', '--out')),
     ('benchmark_hf_load', ('--config', '--dir')), ('benchmark_checkpoint', ('--config', '--dir')),
     ('tokenize_data', ('--config', '--out', '--num_workers')),
+    ('evaluate', ('--workdir', '--tasks', '--include_path')),
 ]
 HELP_CASES = [pytest.param(Case(f'help_{binary}', binary, ('--help',)), expected, id=binary)
               for binary, expected in HELP]
