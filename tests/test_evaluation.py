@@ -4,6 +4,7 @@ through the harness against jaxlm's own evaluation of the same checkpoint."""
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ from lm_eval.api.instance import Instance  # pylint: disable=wrong-import-positi
 from experiments import pretrain  # pylint: disable=wrong-import-position
 from experiments import sft  # pylint: disable=wrong-import-position
 from jaxlm import chat  # pylint: disable=wrong-import-position
+from jaxlm import configs  # pylint: disable=wrong-import-position
 from jaxlm import evaluation  # pylint: disable=wrong-import-position
 from jaxlm import lm  # pylint: disable=wrong-import-position
 from jaxlm import post_training  # pylint: disable=wrong-import-position
@@ -54,7 +56,7 @@ def sft_workdir(tmp_path_factory):
       json.dumps({'prompt': q['messages'][0]['content'],
                   'response': chat.format_answer(q['answer'])}) + '\n' for q in questions))
   sft.train_and_evaluate(tiny_config.sft_config(
-      base, steps=100, **{'data.source': 'jsonl', 'data.jsonl_train': str(train),
+      base, steps=60, **{'data.source': 'jsonl', 'data.jsonl_train': str(train),
                           'train.learning_rate': 3e-3}), tuned)
   return tuned
 
@@ -169,6 +171,25 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_strings(harness_lm):
     until = options['until']
     assert reply == evaluation.cut_at(expected, [until] if isinstance(until, str) else until)
   assert got[-1] == 'Answer' and got[0].startswith('Answer: ')
+
+
+def test_a_sharded_mesh_gives_what_one_device_gives(harness_lm, sft_workdir, tmp_path):
+  workdir = str(tmp_path / 'sharded')
+  shutil.copytree(sft_workdir, workdir)
+  config = configs.load(workdir)
+  config.mesh.update(data=2, fsdp=2, tensor=2, num_devices=8)
+  configs.save(config, workdir)
+  sharded = evaluation.JaxlmLM(workdir, batch_size=8)
+  assert sharded.mesh.devices.size == 8
+  questions = data_lib.world_prompts(world_lib.World(), 'heldout', 4, ('fact', 'arithmetic'))
+  chats = [harness_lm.apply_chat_template(q['messages']) for q in questions]
+  pairs = [(c, chat.format_answer(q['answer'])) for c, q in zip(chats, questions)]
+  for got, expected in zip(sharded.loglikelihood(_requests('loglikelihood', pairs)),
+                           harness_lm.loglikelihood(_requests('loglikelihood', pairs))):
+    np.testing.assert_allclose(got[0], expected[0], **TOLERANCE)
+    assert got[1] == expected[1]
+  generations = _requests('generate_until', [(c, {'until': [], 'max_gen_toks': 8}) for c in chats])
+  assert sharded.generate_until(generations) == harness_lm.generate_until(generations)
 
 
 def test_the_world_task_through_the_harness_scores_as_jaxlm_does(harness_lm, sft_workdir,
