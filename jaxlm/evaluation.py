@@ -217,6 +217,7 @@ class JaxlmLM(lm_eval_model.TemplateLM):
       context, gen_kwargs = request.args
       options = dict(gen_kwargs)
       until = options.pop('until', None) or []
+      until = [until] if isinstance(until, str) else until
       max_new_tokens = int(options.pop('max_gen_toks', self.max_gen_toks))
       if max_new_tokens >= self.max_length:
         raise UserError(f'max_gen_toks={max_new_tokens} leaves no room for a prompt in the '
@@ -229,7 +230,7 @@ class JaxlmLM(lm_eval_model.TemplateLM):
       ids = self.tok_encode(context)[-(self.max_length - max_new_tokens):]
       eos_id = end_of_turn if end_of_turn in ids else self.jaxlm_tokenizer.eos_id
       key = (max_new_tokens, eos_id, tuple(sorted(sampling.items())))
-      groups.setdefault(key, []).append((index, ids, [until] if isinstance(until, str) else until))
+      groups.setdefault(key, []).append((index, ids, until))
     results = [None] * len(requests)
     with self._on_mesh():
       for (max_new_tokens, eos_id, sampling), members in groups.items():
