@@ -182,6 +182,8 @@ HELP = [  # binary, the flags its --help must list
     ('benchmark_hf_load', ('--config', '--dir')), ('benchmark_checkpoint', ('--config', '--dir')),
     ('tokenize_data', ('--config', '--out', '--num_workers')),
     ('evaluate', ('--workdir', '--tasks', '--include_path')),
+    ('chat', ('--workdir', '--temperature', '--max_tokens')),
+    ('serve', ('--workdir', '--port', '--max_batch', '--max_queue')),
 ]
 HELP_CASES = [pytest.param(Case(f'help_{binary}', binary, ('--help',)), expected, id=binary)
               for binary, expected in HELP]
