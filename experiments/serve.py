@@ -11,6 +11,7 @@ request is answered 429. Needs `pip install -e '.[serve]'`.
 """
 
 import os
+import socket
 
 from absl import flags
 
@@ -18,6 +19,14 @@ from jaxlm import cli
 from jaxlm import metrics
 from jaxlm import serving
 from jaxlm.errors import UserError
+
+
+def _check_address(host: str, port: int) -> None:
+  try:
+    with socket.create_server((host, port)):
+      pass
+  except OSError as e:
+    raise UserError(f'--host={host} --port={port}: cannot listen there ({e.strerror})') from e
 
 
 def main(argv):
@@ -28,6 +37,7 @@ def main(argv):
     from jaxlm import server  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise UserError(f"serving needs FastAPI and uvicorn: pip install -e '.[serve]' ({e})") from e
+  _check_address(_HOST.value, _PORT.value)  # before minutes of loading, not after
   tokenizer, decoder = serving.load(_WORKDIR.value, _MAX_BATCH.value, _MAX_LEN.value)
   engine = serving.Engine(decoder, tokenizer, _MAX_QUEUE.value)
   name = _MODEL.value or os.path.basename(os.path.normpath(_WORKDIR.value))

@@ -141,12 +141,12 @@ class Request:
   text: str = ''  # decoded so far; the reply once finished
   finish_reason: str | None = None  # 'stop', 'length', 'cancelled' or 'error'
   cancelled: bool = False  # set by a caller who no longer listens
-  notify: Callable[[str | None], None] | None = None
-  streamed: str = ''
+  notify: Callable[[str | None], None] | None = None  # set by `Engine.submit`
+  streamed: str = ''  # the text handed to `notify` so far
 
 
 class QueueFull(Exception):
-  pass
+  """The engine's queue of waiting requests is full: the caller should come back later."""
 
 
 class Engine:

@@ -6,6 +6,7 @@ step; bad requests are answered 400 and a full queue 429."""
 import concurrent.futures
 import json
 import re
+import shutil
 import threading
 import time
 
@@ -278,15 +279,31 @@ def test_the_chat_page(served):
   assert "fetch('/v1/chat/completions'" in page.text and 'stream: true' in page.text
 
 
+SYSTEM_CHROMIUMS = ('chromium-headless-shell', 'chromium', 'chromium-browser', 'google-chrome')
+
+
+def _launch_chromium(playwright):
+  """Playwright's own Chromium (`playwright install chromium`, a download), else one of the
+  system's; None if neither starts."""
+  system = [shutil.which(name) for name in SYSTEM_CHROMIUMS]
+  for executable in [None, *filter(None, system)]:
+    try:
+      return playwright.chromium.launch(executable_path=executable)
+    except Exception:  # pylint: disable=broad-except
+      continue
+  return None
+
+
 def test_the_chat_page_streams_a_reply_in_a_browser(served):
-  """Skipped where no headless browser can start (playwright's browsers are downloaded)."""
+  """Skipped where no headless browser can start (pip's playwright has none: it downloads
+  its browsers)."""
   sync_api = pytest.importorskip('playwright.sync_api')
   [reply] = served.replies([[{'role': 'user', 'content': QUESTION}]])
   with sync_api.sync_playwright() as playwright:
-    try:
-      browser = playwright.chromium.launch()
-    except Exception as e:  # pylint: disable=broad-except
-      pytest.skip(f'no headless browser: {e}')
+    browser = _launch_chromium(playwright)
+    if browser is None:
+      pytest.skip('no headless browser starts: neither playwright\'s Chromium nor one of '
+                  f'{SYSTEM_CHROMIUMS} on PATH')
     page = browser.new_page()
     page.goto(served.url + '/')
     page.fill('#temperature', '0')
