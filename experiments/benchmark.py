@@ -5,6 +5,11 @@ MFU and memory.
       --config.train.batch_size=8 --steps=5
 
 On a CPU the MFU denominator is a matmul probe measured in the same run (see `jaxlm.perf`).
+With `--config.lora.rank=8` it measures LoRA fine-tuning: adapters train, the base is frozen.
+`rl_state_bytes_per_device` adds what RL holds besides: a reference copy of the parameters,
+which LoRA does without (its reference is the base with the adapters off). `--memory_only`
+compiles the step without running it or allocating the state, for configs larger than the host:
+bytes per device from the state's shardings and the compiled program's memory analysis.
 """
 
 import json
@@ -18,6 +23,7 @@ from absl import flags
 from jaxlm import cli
 from jaxlm import configs
 from jaxlm import lm
+from jaxlm import lora
 from jaxlm import metrics
 from jaxlm import model as model_lib
 from jaxlm import perf
@@ -33,12 +39,46 @@ def state_bytes_on_first_device(state) -> int:
              for shard in leaf.addressable_shards if shard.device == device)
 
 
-def benchmark(config, steps: int, vocab_size: int) -> dict:
+def abstract_bytes_on_first_device(abstract) -> int:
+  """What `state_bytes_on_first_device` would measure, from ShapeDtypeStructs with shardings."""
+  return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+             for x in jax.tree.leaves(abstract))
+
+
+def memory_without_running(config, model, optimizer, trainable, mesh, batch) -> dict:
+  """Per-device bytes of the train step, compiled on abstract arguments (nothing allocated)."""
+  tc = config.train
+  abstract, shardings, _ = trainer.abstract_state(
+      lm.init_params_fn(model, config.data.seq_len), optimizer, mesh, jax.random.PRNGKey(0),
+      trainable, config.lora.frozen_dtype if trainable else '')
+  step_fn = jax.jit(trainer.make_train_step(trainer.language_model_loss(model, tc.z_loss),
+                                            optimizer, tc.grad_accum_steps),
+                    out_shardings=(shardings, None), donate_argnums=(0,))
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                       batch)
+  start = time.perf_counter()
+  analysis = step_fn.lower(abstract, batch).compile().memory_analysis()
+  state_bytes = abstract_bytes_on_first_device(abstract)
+  return {
+      'compile_seconds': time.perf_counter() - start,
+      'trained_params': sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params)),
+      'state_bytes_per_device': state_bytes,
+      'trained_state_bytes_per_device': abstract_bytes_on_first_device(
+          (abstract.params, abstract.opt_state)),
+      'rl_state_bytes_per_device': state_bytes + (
+          0 if trainable else abstract_bytes_on_first_device(abstract.params)),
+      'compiled_temp_bytes': getattr(analysis, 'temp_size_in_bytes', None),
+  }
+
+
+def benchmark(config, steps: int, vocab_size: int, memory_only: bool = False) -> dict:
   configs.validate(config, {'data.source': pipeline.SOURCES})
   tc, seq_len = config.train, config.data.seq_len
   padded = -(-vocab_size // config.model.vocab_multiple) * config.model.vocab_multiple
   model_config = model_lib.ModelConfig.from_config(config.model, padded, vocab_size)
-  model = model_lib.Transformer(model_config)
+  base_model = model_lib.Transformer(model_config)
+  model = lora.for_config(base_model, config)
+  trainable = lora.is_trainable if lora.enabled(config) else None
   mesh = sharding.make_mesh(config.mesh)
   optimizer = trainer.make_optimizer(tc)
   rng = np.random.default_rng(config.seed)
@@ -53,10 +93,18 @@ def benchmark(config, steps: int, vocab_size: int) -> dict:
   if tc.grad_accum_steps > 1:
     local_batch = {k: v.reshape(tc.grad_accum_steps, -1, seq_len) for k, v in local_batch.items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    _, shardings, init_state = trainer.abstract_state(
-        lm.init_params_fn(model, seq_len), optimizer, mesh, jax.random.PRNGKey(0))
-    state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(0))
     batch = sharding.put_batch(local_batch, mesh, batch_axis=int(tc.grad_accum_steps > 1))
+    summary = {'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
+               'mesh': dict(mesh.shape), 'params': model_config.num_params(),
+               'lora_rank': config.lora.rank if trainable else 0,
+               'batch_size': tc.batch_size, 'seq_len': seq_len}
+    if memory_only:
+      return {**summary, **memory_without_running(config, model, optimizer, trainable, mesh,
+                                                  batch)}
+    _, shardings, init_state = trainer.abstract_state(
+        lm.init_params_fn(model, seq_len), optimizer, mesh, jax.random.PRNGKey(0), trainable,
+        config.lora.frozen_dtype if trainable else '')
+    state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(0))
     step_fn = jax.jit(trainer.make_train_step(trainer.language_model_loss(model, tc.z_loss),
                                               optimizer, tc.grad_accum_steps),
                       out_shardings=(shardings, None), donate_argnums=(0,))
@@ -71,21 +119,24 @@ def benchmark(config, steps: int, vocab_size: int) -> dict:
     jax.block_until_ready(out)
     step_seconds = (time.perf_counter() - start) / steps
     state_bytes = state_bytes_on_first_device(state)
+    trained_bytes = state_bytes_on_first_device((state.params, state.opt_state))
+    reference_bytes = 0 if trainable else state_bytes_on_first_device(state.params)
   peak, peak_source = perf.peak_flops_per_device()
   if jax.devices()[0].platform != 'cpu':
     peak *= jax.device_count()
   tokens_per_sec = tc.batch_size * seq_len / step_seconds
   memory = compiled.memory_analysis()
   return {
-      'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
-      'mesh': dict(mesh.shape), 'params': model_config.num_params(),
-      'batch_size': tc.batch_size, 'seq_len': seq_len,
+      **summary,
       'compile_seconds': compile_seconds, 'step_seconds': step_seconds,
       'tokens_per_sec': tokens_per_sec,
       'model_flops_per_sec': tokens_per_sec * model_config.flops_per_token(seq_len),
       'peak_flops_per_sec': peak, 'peak_source': peak_source,
       'mfu': tokens_per_sec * model_config.flops_per_token(seq_len) / peak,
+      'trained_params': sum(x.size for x in jax.tree.leaves(state.params)),
       'state_bytes_per_device': state_bytes,
+      'trained_state_bytes_per_device': trained_bytes,
+      'rl_state_bytes_per_device': state_bytes + reference_bytes,
       'compiled_temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
       'peak_bytes_in_use': perf.peak_memory_bytes(),
       'final_loss': float(out['train/loss']),
@@ -97,7 +148,8 @@ def main(argv):
   _INITIALIZE_DISTRIBUTED()
   metrics.configure_logging()
   config = cli.config_value(_CONFIG)
-  result = benchmark(config, _STEPS.value, _VOCAB.value or config.tokenizer.vocab_size)
+  result = benchmark(config, _STEPS.value, _VOCAB.value or config.tokenizer.vocab_size,
+                     _MEMORY_ONLY.value)
   if jax.process_index() == 0:
     print(json.dumps(result, indent=2))
 
@@ -109,5 +161,7 @@ if __name__ == '__main__':
                                 lower_bound=1)
   _VOCAB = flags.DEFINE_integer('vocab_size', None,
                                 'Vocabulary size; default: config.tokenizer.vocab_size.')
+  _MEMORY_ONLY = flags.DEFINE_bool('memory_only', False, 'Compile the step on abstract '
+                                    'arguments and report its memory; run nothing.')
   _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()
   cli.start(main)

@@ -47,11 +47,13 @@ def benchmark(config, directory: str, what: str, repeats: int) -> dict:
         mesh, jax.random.PRNGKey(0))
     if what == 'params':
       abstract, shardings = abstract.params, shardings.params
+    else:
+      abstract, shardings = trainer.checkpointed(abstract), trainer.checkpointed(shardings)
     def init(rng):
       # Random values everywhere: freshly initialised AdamW moments are zeros, which Orbax
       # compresses to nothing, and a trained state's are not.
       state = init_state(rng)
-      tree = state.params if what == 'params' else state
+      tree = state.params if what == 'params' else trainer.checkpointed(state)
       leaves, treedef = jax.tree.flatten(tree)
       keys = jax.random.split(rng, len(leaves))
       return treedef.unflatten([

@@ -15,6 +15,7 @@ params without their adapters is the model the run started from: RL's and DPO's 
 import re
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import qwix
@@ -24,6 +25,7 @@ from jaxlm.errors import UserError
 ADAPTER_SUFFIXES = ('_lora_a', '_lora_b')
 # Parameters a LoRA run trains besides the adapters: the reward model's and the critic's heads.
 HEADS = ('head', 'value_head', 'likelihood_scale')
+FROZEN_DTYPES = ('', 'float32', 'bfloat16', 'float16')
 
 
 def enabled(config) -> bool:
@@ -43,6 +45,9 @@ def check(config, dropout_allowed: bool = True) -> None:
     raise UserError(f'config.lora.alpha must be positive, got {c.alpha}')
   if not 0 <= c.dropout < 1:
     raise UserError(f'config.lora.dropout must be in [0, 1), got {c.dropout}')
+  if c.get('frozen_dtype', '') not in FROZEN_DTYPES:
+    raise UserError(f'config.lora.frozen_dtype must be one of {FROZEN_DTYPES}, got '
+                    f'{c.frozen_dtype!r}')
   if c.dropout and not dropout_allowed:
     raise UserError('config.lora.dropout must be 0 in this stage (adapter dropout is for SFT '
                     'and continued pretraining)')
@@ -119,5 +124,11 @@ def adapter_pairs(params) -> dict[str, tuple[jax.Array, jax.Array]]:
   return {'/'.join(kernel): (flat[a], flat[b]) for kernel, (a, b) in _pairs(flat).items()}
 
 
-def num_bytes(tree) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+def cast(params, dtype: str):
+  """Floating-point leaves (boxed or not) as `dtype`: a frozen base in bfloat16 takes half the
+  memory, and the model still computes in its own dtype."""
+  def cast_leaf(leaf):
+    if isinstance(leaf, nn.meta.AxisMetadata):
+      return leaf.replace_boxed(cast_leaf(leaf.unbox(apply_constraint=False)))
+    return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+  return jax.tree.map(cast_leaf, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))

@@ -99,8 +99,16 @@ def _param(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
+class Dense(nn.Dense):
+  """`nn.Dense` whose output has the computation dtype even where LoRA (`jaxlm.lora`) adds its
+  float32 delta, so that a bfloat16 model's activations stay bfloat16."""
+
+  def __call__(self, inputs):
+    return super().__call__(inputs).astype(self.dtype)
+
+
 def _dense(features, names, config, name, use_bias=False):
-  return nn.Dense(features, use_bias=use_bias, dtype=DTYPES[config.dtype],
+  return Dense(features, use_bias=use_bias, dtype=DTYPES[config.dtype],
                   param_dtype=DTYPES[config.param_dtype],
                   kernel_init=_param(nn.initializers.lecun_normal(), names),
                   bias_init=_param(nn.initializers.zeros, names[1:]), name=name)

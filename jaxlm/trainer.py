@@ -48,6 +48,12 @@ def all_params(state: TrainState):
   return lora.join(state.params, state.frozen) if state.frozen else state.params
 
 
+def checkpointed(state: TrainState) -> dict:
+  """What a checkpoint holds: every field but the frozen parameters, which a LoRA run reloads
+  from where it started."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != 'frozen'}
+
+
 def with_frozen(loss_fn: Callable) -> Callable:
   """loss(params, ...) -> loss(trained params, frozen params, ...): only the first is
   differentiated."""
@@ -191,14 +197,17 @@ def abstract_params(boxed_shapes, mesh):
   return abstract, shardings
 
 
-def abstract_state(init_params, optimizer, mesh, rng, trainable=None):
+def abstract_state(init_params, optimizer, mesh, rng, trainable=None, frozen_dtype: str = ''):
   """(ShapeDtypeStructs carrying shardings, shardings, init fn) of the train state. With a
-  `trainable(path)` predicate the other parameters go to `frozen`."""
+  `trainable(path)` predicate the other parameters go to `frozen`, stored as `frozen_dtype`
+  (e.g. 'bfloat16'; empty: as initialised)."""
   def init_boxed(rng):
     init_rng, state_rng = jax.random.split(rng)
     params, frozen = init_params(init_rng), {}
     if trainable is not None:
       params, frozen = lora.split(params, trainable)
+    if frozen_dtype:
+      frozen = lora.cast(frozen, frozen_dtype)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(zero, params, optimizer.init(params), state_rng, zero, zero, frozen)
   abstract, shardings = abstract_params(jax.eval_shape(init_boxed, rng), mesh)
@@ -257,7 +266,8 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
   optimizer = make_optimizer(tc)
   trainable = lora.is_trainable if lora.enabled(config) else None
   abstract, shardings, init_state = abstract_state(
-      stage.init_params, optimizer, mesh, jax.random.PRNGKey(config.seed), trainable)
+      stage.init_params, optimizer, mesh, jax.random.PRNGKey(config.seed), trainable,
+      config.lora.frozen_dtype if trainable else '')
   if trainable is not None and not lora.split(abstract.params, lora.is_adapter)[0]:
     raise UserError(f'config.lora.targets ({config.lora.targets!r}) matches no projection of the '
                     'model (module paths look like layers/attention/query)')
@@ -265,8 +275,7 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
       os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
       async_save=config.checkpoint.async_save)
   data_iterator = iter(stage.train_batches)
-  restored = checkpointer.restore_latest(abstract.replace(frozen={}),
-                                         config.checkpoint.start_over)
+  restored = checkpointer.restore_latest(checkpointed(abstract), config.checkpoint.start_over)
   if restored is None or trainable is not None:  # a LoRA run loads its base on resume too
     state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
     if stage.load_params is not None:
@@ -278,8 +287,8 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
   if restored is None:
     metrics_lib.log(f'Starting a new run in {workdir}.')
   else:
-    restored_state, data_state, step = restored
-    state = restored_state.replace(frozen=state.frozen if trainable is not None else {})
+    saved, data_state, step = restored
+    state = TrainState(**saved, frozen=state.frozen if trainable is not None else {})
     data_iterator.set_state(data_state)
     metrics_lib.log(f'Resuming from the checkpoint at step {step} in {workdir}.')
   if trainable is not None:
@@ -332,7 +341,7 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
                    and distributed.any_process(preemption.requested))
       if step % config.checkpoint.every == 0 or step == tc.steps or preempted:
         nonfinite = _check_nonfinite(state, step, tc.max_nonfinite_steps, nonfinite)
-        checkpointer.save(step, state.replace(frozen={}), data_iterator.get_state())
+        checkpointer.save(step, checkpointed(state), data_iterator.get_state())
       if preempted:
         checkpointer.wait()
         metrics_lib.log(f'SIGTERM: saved the checkpoint at step {step}; exiting.')

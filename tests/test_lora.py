@@ -48,9 +48,11 @@ def _tokens(seed=0):
   return jax.random.randint(jax.random.PRNGKey(seed), (2, 12), 0, CONFIG.vocab_size)
 
 
-@pytest.mark.parametrize('scan_layers', [True, False])
-def test_fresh_adapters_leave_the_logits_exactly_as_the_base(scan_layers):
-  config = model_lib.ModelConfig(**{**CONFIG.__dict__, 'scan_layers': scan_layers})
+@pytest.mark.parametrize('scan_layers, dtype', [(True, 'float32'), (False, 'float32'),
+                                               (True, 'bfloat16')])
+def test_fresh_adapters_leave_the_logits_exactly_as_the_base(scan_layers, dtype):
+  config = model_lib.ModelConfig(**{**CONFIG.__dict__, 'scan_layers': scan_layers,
+                                    'dtype': dtype})
   base = model_lib.Transformer(config)
   wrapped = lora.wrap(base, _lora_config())
   params = nn.unbox(wrapped.init(jax.random.PRNGKey(0), _tokens())['params'])
@@ -213,7 +215,11 @@ def test_every_stage_trains_with_lora_and_rl_references_the_base(runs, tmp_path)
   ppo = rl.train_and_evaluate(tiny_config.rl_config(
       sft_dir, steps=2, algorithm='ppo', reward='model', reward_workdir=rm_dir, **LORA), ppo_dir)
   assert {'head', 'likelihood_scale'} <= set(ppo.params['value'])
-  dpo.train_and_evaluate(tiny_config.dpo_config(sft_dir, steps=2, **LORA), dpo_dir)
+  # The frozen base (DPO's reference) may be stored in bfloat16.
+  dpo_state = dpo.train_and_evaluate(tiny_config.dpo_config(
+      sft_dir, steps=2, **LORA, **{'lora.frozen_dtype': 'bfloat16'}), dpo_dir)
+  assert {x.dtype for x in jax.tree.leaves(dpo_state.frozen)} == {jnp.bfloat16}
+  assert {x.dtype for x in jax.tree.leaves(dpo_state.params)} == {jnp.float32}
   for workdir in (rm_dir, grpo_dir, ppo_dir, dpo_dir):
     assert np.all(np.isfinite(_losses(workdir)))
 
@@ -250,7 +256,7 @@ def test_peft_loads_the_adapters_onto_the_base_like_jaxlm(runs, tmp_path):
   export_hf.export(runs['base'], base_dir, 1 << 30)
   export_hf.export_adapters(runs['sft'], peft_dir)
   model = peft.PeftModel.from_pretrained(
-      transformers.AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32),
+      transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
       peft_dir).eval()
   tokens = np.arange(24, dtype=np.int64).reshape(2, 12) % 300
   with torch.no_grad():
@@ -267,6 +273,7 @@ def test_peft_loads_the_adapters_onto_the_base_like_jaxlm(runs, tmp_path):
     ({'lora.rank': 4, 'lora.alpha': 0.0}, 'config.lora.alpha must be positive'),
     ({'lora.rank': 4, 'lora.targets': 'nothing/like/this'}, 'matches no projection'),
     ({'lora.rank': 4, 'lora.targets': '(('}, 'config.lora.targets is not a regular expression'),
+    ({'lora.rank': 4, 'lora.frozen_dtype': 'int8'}, 'config.lora.frozen_dtype must be one of'),
 ])
 def test_bad_lora_settings_are_errors_naming_the_field(runs, tmp_path, overrides, message):
   with pytest.raises(UserError, match=message):

@@ -97,6 +97,7 @@ def lora_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       rank=0, alpha=16.0,
       dropout=0.0,  # on the adapters' inputs, in training only (not in RL's loss)
+      frozen_dtype='',  # 'bfloat16' stores the frozen base in half the memory; empty: as is
       # Module paths (re.fullmatch) that get adapters: every attention and MLP projection.
       targets=r'(.*/)?(attention/(query|key|value|out)|mlp/(gate|up|down))',
   ))
