@@ -57,7 +57,7 @@ def export_adapters(workdir: str, out: str) -> None:
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=1)
-    restored = checkpointer.restore_saved_params(sharding.replicated(mesh))
+    restored = checkpointer.restore_params(sharding=sharding.replicated(mesh))
     checkpointer.close()
     if restored is None:
       raise UserError(f'no usable checkpoint in {workdir}/checkpoints')

@@ -228,31 +228,22 @@ class Checkpointer:
       self._newest_good = restored[2]
     return restored
 
-  def restore_params(self, abstract_params):
+  def restore_params(self, abstract_params=None, sharding=None):
     """(params, step) from the newest verified step: the parameters only, for generation or for
     starting a later stage. From an RL checkpoint ({'policy': ..., 'value': ...}) this is the
-    policy. None if there is no checkpoint. Nothing in the directory is moved."""
+    policy. Without `abstract_params`: the parameters as they were saved (a LoRA run's adapters
+    and heads), each placed with `sharding`. None if there is no checkpoint. Nothing in the
+    directory is moved."""
     def restore(step):
       saved = self._manager.item_metadata(step)['state'].tree['params']
-      is_rl = 'policy' in saved and 'policy' not in abstract_params
-      _check_shapes(saved['policy'] if is_rl else saved, abstract_params,
-                    self.directory / str(step))
-      item = {'policy': abstract_params} if is_rl else abstract_params
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=_pytree_restore({'params': item}, partial=True)))
-      params = restored['state']['params']
-      return (params['policy'] if is_rl else params), step
-    return self._restore_newest(restore, set_aside=False, start_over=False)
-
-  def restore_saved_params(self, sharding):
-    """(params, step): the parameters of the newest verified step as they were saved (a LoRA
-    run's adapters and heads), each placed with `sharding`; an RL run's policy part. None if
-    there is no checkpoint."""
-    def restore(step):
-      saved = self._manager.item_metadata(step)['state'].tree['params']
-      is_rl = 'policy' in saved
-      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                              saved['policy'] if is_rl else saved)
+      is_rl = 'policy' in saved and (abstract_params is None or 'policy' not in abstract_params)
+      saved = saved['policy'] if is_rl else saved
+      if abstract_params is None:
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved)
+      else:
+        _check_shapes(saved, abstract_params, self.directory / str(step))
+        abstract = abstract_params
       item = {'policy': abstract} if is_rl else abstract
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=_pytree_restore({'params': item}, partial=True)))

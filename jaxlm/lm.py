@@ -198,25 +198,27 @@ def params_loader(workdir: str):
 
 
 def _load_lora_run(checkpointer, run_config, abstract_params):
-  """(params, step) of a LoRA run: what it started from, its adapters folded in, and its heads."""
+  """(params, step) of a LoRA run: what it started from, with what it trained (heads, fully
+  trained parameters) in place and its adapters folded in."""
   shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
   some_sharding = jax.tree.leaves(shardings)[0]
-  restored = checkpointer.restore_saved_params(sharding.replicated(some_sharding.mesh))
+  restored = checkpointer.restore_params(
+      sharding=sharding.replicated(some_sharding.mesh))
   if restored is None:
     return None
   trained, step = restored
-  heads, abstract_base = lora.split(abstract_params, lora.is_trainable)
+  wanted = flax.traverse_util.flatten_dict(abstract_params)
+  for path, leaf in flax.traverse_util.flatten_dict(trained).items():
+    if not lora.is_adapter(path) and (path not in wanted or wanted[path].shape != leaf.shape):
+      raise UserError(f'the LoRA checkpoint\'s {"/".join(path)} {list(leaf.shape)} has no place '
+                      'in this model: it holds another model')
+  saved = set(flax.traverse_util.flatten_dict(trained))
+  abstract_base = lora.split(abstract_params, lambda path: path not in saved)[0]
   start = initial_params_loader(run_config)
   if 'transformer' in abstract_base:  # a reward model's or critic's backbone
     base = {'transformer': start(abstract_base['transformer'])}
   else:
     base = start(abstract_base)
-  trained_heads = lora.split(trained, lambda path: not lora.is_adapter(path))[0]
-  missing = set(flax.traverse_util.flatten_dict(heads)) - set(
-      flax.traverse_util.flatten_dict(trained_heads))
-  if missing:
-    raise UserError(f'the LoRA checkpoint has no {"/".join(sorted(missing)[0])}: it holds '
-                    'another model')
   merge = jax.jit(lambda base, trained: lora.merge(lora.join(base, trained),
                                                    run_config.lora.alpha, run_config.lora.rank),
                   out_shardings=shardings)

@@ -7,8 +7,9 @@ the kernel's logical axis names, and its `layers` axis under `nn.scan`, so adapt
 the base on every mesh. A projection computes x @ W + (x @ A) @ B * alpha / rank; B starts at
 zero, so a fresh adapter changes nothing.
 
-In a LoRA run only adapters (and scalar heads) train: the trainer keeps every other parameter in
-`TrainState.frozen`, outside the optimizer and the checkpoints. The base model applied to the
+In a LoRA run only adapters, scalar heads and what `config.lora.train_fully` names train: the
+trainer keeps every other parameter in `TrainState.frozen`, outside the optimizer and the
+checkpoints. The base model applied to the
 params without their adapters is the model the run started from: RL's and DPO's reference.
 """
 
@@ -51,10 +52,11 @@ def check(config, dropout_allowed: bool = True) -> None:
   if c.dropout and not dropout_allowed:
     raise UserError('config.lora.dropout must be 0 in this stage (adapter dropout is for SFT '
                     'and continued pretraining)')
-  try:
-    re.compile(c.targets)
-  except re.error as e:
-    raise UserError(f'config.lora.targets is not a regular expression ({e})') from e
+  for field in ('targets', 'train_fully'):
+    try:
+      re.compile(c.get(field, ''))
+    except re.error as e:
+      raise UserError(f'config.lora.{field} is not a regular expression ({e})') from e
 
 
 def wrap(model, lora_config, training: bool = False):
@@ -77,8 +79,12 @@ def is_adapter(path: tuple[str, ...]) -> bool:
   return path[-1].endswith(ADAPTER_SUFFIXES)
 
 
-def is_trainable(path: tuple[str, ...]) -> bool:
-  return is_adapter(path) or any(name in HEADS for name in path)
+def trainable(lora_config):
+  """path -> whether a LoRA run trains that parameter: adapters, heads, and the parameters
+  `lora_config.train_fully` matches (e.g. 'embed/embedding|unembed/kernel', for new tokens)."""
+  fully = re.compile(lora_config.get('train_fully', '') or '(?!)')
+  return lambda path: (is_adapter(path) or any(name in HEADS for name in path)
+                       or fully.fullmatch('/'.join(path)) is not None)
 
 
 def split(params, keep) -> tuple[dict, dict]:

@@ -264,7 +264,7 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
   """Runs (or resumes) training; returns the final state. Call under `jax.set_mesh(mesh)`."""
   tc = config.train
   optimizer = make_optimizer(tc)
-  trainable = lora.is_trainable if lora.enabled(config) else None
+  trainable = lora.trainable(config.lora) if lora.enabled(config) else None
   abstract, shardings, init_state = abstract_state(
       stage.init_params, optimizer, mesh, jax.random.PRNGKey(config.seed), trainable,
       config.lora.frozen_dtype if trainable else '')

@@ -205,21 +205,32 @@ def test_every_stage_trains_with_lora_and_rl_references_the_base(runs, tmp_path)
   rm = reward_model.train_and_evaluate(
       tiny_config.reward_config(sft_dir, steps=2, **LORA), rm_dir)
   assert {'head', 'likelihood_scale'} <= set(rm.params)  # heads train beside the adapters
-  grpo = rl.train_and_evaluate(tiny_config.rl_config(sft_dir, steps=2, eval_at_start=True,
-                                                     **LORA), grpo_dir)
+  grpo = rl.train_and_evaluate(tiny_config.rl_config(
+      sft_dir, steps=2, eval_at_start=True, **LORA,
+      **{'lora.train_fully': 'embed/embedding'}), grpo_dir)
   with open(os.path.join(grpo_dir, 'metrics.jsonl'), encoding='utf-8') as f:
     records = [json.loads(line) for line in f]
   # The reference is the starting policy: the same replies have no KL to it before training.
   assert records[0]['step'] == 0 and records[0]['eval/kl'] == 0.0
-  assert all(lora.is_adapter(tuple(k.split('/'))) for k in _flat(grpo.params['policy']))
+  assert set(_flat(grpo.params['policy'])) - {'embed/embedding'} == {
+      k for k in _flat(grpo.params['policy']) if lora.is_adapter(tuple(k.split('/')))}
+  # Loaded, the run is its start with the new embedding and the adapters merged.
+  _, _, base_model = lm.load_workdir(grpo_dir)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    loaded = jax.device_get(lm.load_params(grpo_dir, base_model, mesh))
+  tokens = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) % 300
+  expected, _ = lora.for_config(base_model, tiny_config.sft_config('', **LORA)).apply(
+      {'params': jax.device_get(trainer.all_params(grpo))['policy']}, tokens)
+  np.testing.assert_allclose(base_model.apply({'params': loaded}, tokens)[0], expected, atol=1e-5)
   ppo = rl.train_and_evaluate(tiny_config.rl_config(
       sft_dir, steps=2, algorithm='ppo', reward='model', reward_workdir=rm_dir, **LORA), ppo_dir)
   assert {'head', 'likelihood_scale'} <= set(ppo.params['value'])
   # The frozen base (DPO's reference) may be stored in bfloat16.
   dpo_state = dpo.train_and_evaluate(tiny_config.dpo_config(
       sft_dir, steps=2, **LORA, **{'lora.frozen_dtype': 'bfloat16'}), dpo_dir)
-  assert {x.dtype for x in jax.tree.leaves(dpo_state.frozen)} == {jnp.bfloat16}
-  assert {x.dtype for x in jax.tree.leaves(dpo_state.params)} == {jnp.float32}
+  assert {x.dtype for x in jax.tree.leaves(dpo_state.frozen)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(dpo_state.params)} == {jnp.dtype(jnp.float32)}
   for workdir in (rm_dir, grpo_dir, ppo_dir, dpo_dir):
     assert np.all(np.isfinite(_losses(workdir)))
 

@@ -100,4 +100,7 @@ def lora_config() -> ml_collections.ConfigDict:
       frozen_dtype='',  # 'bfloat16' stores the frozen base in half the memory; empty: as is
       # Module paths (re.fullmatch) that get adapters: every attention and MLP projection.
       targets=r'(.*/)?(attention/(query|key|value|out)|mlp/(gate|up|down))',
+      # Parameter paths (re.fullmatch) that train in full beside the adapters, such as
+      # 'embed/embedding|unembed/kernel' where the data brings tokens the base never learned.
+      train_fully='',
   ))
