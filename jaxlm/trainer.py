@@ -95,7 +95,7 @@ def language_model_loss(model: nn.Module, z_loss: float = 0.0,
   tokens (`source_share/<name>`), from the batch's `source_ids`."""
   def loss_fn(params, batch, rng):
     logits, _ = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                            batch['segment_ids'], rngs={'dropout': rng})
+                            batch['segment_ids'], rngs={} if rng is None else {'dropout': rng})
     sums = losses.cross_entropy(logits, batch['targets'], batch['weights'], z_loss)
     for index, name in enumerate(source_names):
       sums[f'source_share/{name}'] = jnp.sum(batch['weights'] * (batch['source_ids'] == index))
