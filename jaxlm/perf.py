@@ -5,6 +5,8 @@ bf16 peak; a CPU has no meaningful published figure, so it uses a matmul measure
 process (figures from different runs on a shared CPU are not comparable).
 """
 
+import collections
+import contextlib
 import functools
 import time
 
@@ -54,3 +56,21 @@ def peak_memory_bytes() -> int | None:
   """Peak bytes in use on device 0, where the backend reports it (not on CPU)."""
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get('peak_bytes_in_use')
+
+
+@contextlib.contextmanager
+def counting_compilations():
+  """Yields a Counter of XLA compilations by function name, filled while the block runs: a
+  program compiled again (new shapes, shardings or static arguments) counts twice."""
+  counts = collections.Counter()
+
+  def listen(event, duration, fun_name='', **kwargs):
+    del duration, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      counts[fun_name] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield counts
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)

@@ -17,6 +17,7 @@ from experiments import sft
 from jaxlm import chat
 from jaxlm import lm
 from jaxlm import model as model_lib
+from jaxlm import perf
 from jaxlm import rl
 from jaxlm import sharding
 from jaxlm.data import world as world_lib
@@ -30,6 +31,13 @@ def sft_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('sft'))
   sft.train_and_evaluate(tiny_config.sft_config(base, steps=4), workdir)
   return workdir
+
+
+def test_an_rl_run_compiles_its_step_once_and_its_sampler_once_per_shape(sft_workdir, tmp_path):
+  with perf.counting_compilations() as compiled:
+    rl_binary.train_and_evaluate(tiny_config.rl_config(sft_workdir, steps=6), str(tmp_path))
+  assert compiled['jit(step)'] == 1
+  assert compiled['jit(generate)'] == 2  # the rollouts' batch and the evaluation's
 
 
 def test_rollout_log_probs_equal_a_teacher_forced_forward(sft_workdir):

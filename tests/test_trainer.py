@@ -15,6 +15,7 @@ import pytest
 
 from experiments import pretrain
 from jaxlm import model as model_lib
+from jaxlm import perf
 from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm import lm
@@ -136,6 +137,15 @@ def test_sigterm_saves_and_the_resumed_run_repeats_the_uninterrupted_losses(tmp_
   # Same process layout, same compiled step, same data position: bit-identical losses.
   np.testing.assert_array_equal([actual[s] for s in sorted(actual)],
                                 [expected[s] for s in sorted(expected)])
+
+
+def test_a_training_run_compiles_its_step_once(tmp_path):
+  with perf.counting_compilations() as compiled:
+    pretrain.train_and_evaluate(tiny_config.config(steps=8, eval_every=4), str(tmp_path))
+  # Eight steps with two evaluations and two checkpoints between them: a state, sharding or batch
+  # that changed along the way would compile the step again.
+  assert compiled['jit(train_step)'] == 1
+  assert compiled['jit(eval_step)'] == 1
 
 
 def _remove_manifest(step_dir):
