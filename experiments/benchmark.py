@@ -10,6 +10,10 @@ With `--config.lora.rank=8` it measures LoRA fine-tuning: adapters train, the ba
 which LoRA does without (its reference is the base with the adapters off). `--memory_only`
 compiles the step without running it or allocating the state, for configs larger than the host:
 bytes per device from the state's shardings and the compiled program's memory analysis.
+
+`--compare=model.scan_layers=false` (repeatable) times a second config, the first with those
+overrides, alternately with the first in one process (`--rounds` times), so that a change is
+measured against its base on the same machine at the same time: medians and the speed-up.
 """
 
 import json
@@ -30,6 +34,7 @@ from jaxlm import perf
 from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import pipeline
+from jaxlm.errors import UserError
 
 
 def state_bytes_on_first_device(state) -> int:
@@ -143,13 +148,41 @@ def benchmark(config, steps: int, vocab_size: int, memory_only: bool = False) ->
   }
 
 
+def compare(configs_by_name: dict, steps: int, vocab_size: int | None, rounds: int) -> dict:
+  """Each config's benchmark, alternated `rounds` times in this process so that both see the
+  same machine; medians per config and the speed-up of the last over the first."""
+  runs = {name: [] for name in configs_by_name}
+  for _ in range(rounds):
+    for name, config in configs_by_name.items():
+      runs[name].append(benchmark(config, steps, vocab_size or config.tokenizer.vocab_size))
+  result = {}
+  for name, results in runs.items():
+    result[name] = {
+        'step_seconds': [r['step_seconds'] for r in results],
+        **{f'median_{key}': float(np.median([r[key] for r in results]))
+           for key in ('step_seconds', 'tokens_per_sec', 'mfu')},
+        'final_loss': results[-1]['final_loss'],
+    }
+  first, last = (result[name]['median_step_seconds'] for name in (list(runs)[0], list(runs)[-1]))
+  result['speedup'] = first / last
+  return result
+
+
 def main(argv):
   del argv
   _INITIALIZE_DISTRIBUTED()
   metrics.configure_logging()
   config = cli.config_value(_CONFIG)
-  result = benchmark(config, _STEPS.value, _VOCAB.value or config.tokenizer.vocab_size,
-                     _MEMORY_ONLY.value)
+  if _COMPARE.value:
+    if _MEMORY_ONLY.value:
+      raise UserError('--compare times steps; it cannot be combined with --memory_only')
+    other = configs.overridden(config, _COMPARE.value)
+    result = compare({'base': config, 'compared': other}, _STEPS.value, _VOCAB.value,
+                     _ROUNDS.value)
+    result['compared']['overrides'] = _COMPARE.value
+  else:
+    result = benchmark(config, _STEPS.value, _VOCAB.value or config.tokenizer.vocab_size,
+                       _MEMORY_ONLY.value)
   if jax.process_index() == 0:
     print(json.dumps(result, indent=2))
 
@@ -163,5 +196,9 @@ if __name__ == '__main__':
                                 'Vocabulary size; default: config.tokenizer.vocab_size.')
   _MEMORY_ONLY = flags.DEFINE_bool('memory_only', False, 'Compile the step on abstract '
                                     'arguments and report its memory; run nothing.')
+  _COMPARE = flags.DEFINE_multi_string(
+      'compare', [], 'An override (dotted.key=value, repeatable) of a second config, timed '
+      'alternately with --config in this process; prints both and the speed-up.')
+  _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternations of --compare.', lower_bound=1)
   _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()
   cli.start(main)

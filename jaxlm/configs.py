@@ -45,6 +45,40 @@ def _get(config, dotted: str):
   return config
 
 
+def _parse_like(text: str, current, key: str):
+  """`text` as a value of `current`'s type, as `--config.<key>=<text>` would read it."""
+  if isinstance(current, bool):
+    if text.lower() not in ('true', 'false'):
+      raise UserError(f'{key}={text}: expected true or false')
+    return text.lower() == 'true'
+  if isinstance(current, (int, float)):
+    try:
+      return type(current)(text)
+    except ValueError:
+      raise UserError(f'{key}={text}: expected a {type(current).__name__}') from None
+  if current is None:  # an unset placeholder: read the text as JSON where it is JSON
+    try:
+      return json.loads(text.lower() if text.lower() in ('true', 'false') else text)
+    except ValueError:
+      return text
+  return text
+
+
+def overridden(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """A copy of `config` with each 'dotted.key=value' of `overrides` set, typed as the field is."""
+  other = config.copy_and_resolve_references()
+  for item in overrides:
+    key, sep, text = item.partition('=')
+    parent_key, _, leaf = key.rpartition('.')
+    parent = _get(other, parent_key) if parent_key else other
+    if not sep or parent is _MISSING or not isinstance(parent, ml_collections.ConfigDict) \
+        or leaf not in parent:
+      raise UserError(f'{item!r} is not an override of an existing field (dotted.key=value, '
+                      'such as model.scan_layers=false)')
+    parent[leaf] = _parse_like(text, parent[leaf], key)
+  return other
+
+
 def validate(config: ml_collections.ConfigDict, choices: dict | None = None) -> None:
   """Raises ValueError naming the first invalid field and what is allowed.
 

@@ -1,0 +1,44 @@
+"""experiments.benchmark: the --compare mode and the overrides it reads."""
+
+import numpy as np
+import pytest
+
+from experiments import benchmark
+from jaxlm import configs
+from jaxlm.errors import UserError
+from tests import tiny_config
+
+
+def test_overrides_take_the_fields_types():
+  config = tiny_config.config()
+  other = configs.overridden(config, ['train.batch_size=16', 'model.scan_layers=False',
+                                      'train.learning_rate=1e-2', 'model.dtype=bfloat16'])
+  assert (other.train.batch_size, other.model.scan_layers) == (16, False)
+  assert (other.train.learning_rate, other.model.dtype) == (1e-2, 'bfloat16')
+  assert (config.train.batch_size, config.model.dtype) == (8, 'float32')  # the original stays
+
+
+@pytest.mark.parametrize('override, message', [
+    ('train.batch_sise=16', 'not an override of an existing field'),
+    ('train.batch_size', 'not an override of an existing field'),
+    ('model.scan_layers=maybe', 'expected true or false'),
+    ('train.batch_size=big', 'expected a int'),
+])
+def test_a_bad_override_names_itself(override, message):
+  with pytest.raises(UserError, match=message):
+    configs.overridden(tiny_config.config(), [override])
+
+
+def test_compare_alternates_the_configs_and_each_runs_as_configured():
+  config = tiny_config.config()
+  result = benchmark.compare(
+      {'whole': config, 'higher_lr': configs.overridden(config, ['train.learning_rate=0.03']),
+       'accumulated': configs.overridden(config, ['train.grad_accum_steps=2'])},
+      steps=2, vocab_size=None, rounds=2)
+  assert [len(result[name]['step_seconds']) for name in ('whole', 'accumulated')] == [2, 2]
+  assert result['speedup'] == pytest.approx(result['whole']['median_step_seconds']
+                                            / result['accumulated']['median_step_seconds'])
+  assert abs(result['higher_lr']['final_loss'] - result['whole']['final_loss']) > 1e-3
+  # The same batch in two micro-batches: the same updates, so the same loss.
+  np.testing.assert_allclose(result['accumulated']['final_loss'], result['whole']['final_loss'],
+                             rtol=1e-5)
