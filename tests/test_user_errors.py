@@ -163,6 +163,8 @@ CASES = [
          '--config.data.source=tokens', '--config.data.token_dir={empty_dir}'),
     case('benchmark_bad_override', 'benchmark', r'stepz', '--config.train.stepz=1'),
     case('benchmark_zero_steps', 'benchmark', r'--steps=0', '--steps=0'),
+    case('benchmark_bad_compare', 'benchmark', r"scan_layerz=false' is not an override",
+         '--compare=model.scan_layerz=false'),
     case('benchmark_hf_load_without_dir', 'benchmark_hf_load', r'--dir'),
     case('pipeline_bad_override', 'pipeline', r'stepz', '--config.sft.train.stepz=1'),
     # Checked before pretraining starts, not when the stage does.
@@ -177,7 +179,7 @@ HELP = [  # binary, the flags its --help must list
     ('pretrain', ('--config', '--workdir')), ('sft', ('--config', '--workdir')),
     ('reward_model', ('--config', '--workdir', '--score')), ('rl', ('--config', '--workdir')),
     ('dpo', ('--config', '--workdir')), ('pipeline', ('--config', '--workdir')),
-    ('scaling', ('--config', '--workdir')), ('benchmark', ('--config', '--steps')),
+    ('scaling', ('--config', '--workdir')), ('benchmark', ('--config', '--steps', '--compare')),
     ('generate', ('--workdir', '--prompt')), ('export_hf', ('--workdir', '--out')),
     ('benchmark_hf_load', ('--config', '--dir')), ('benchmark_checkpoint', ('--config', '--dir')),
     ('tokenize_data', ('--config', '--out', '--num_workers')),
