@@ -37,7 +37,9 @@ def test_an_rl_run_compiles_its_step_once_and_its_sampler_once_per_shape(sft_wor
   with perf.counting_compilations() as compiled:
     rl_binary.train_and_evaluate(tiny_config.rl_config(sft_workdir, steps=6), str(tmp_path))
   assert compiled['jit(step)'] == 1
-  assert compiled['jit(generate)'] == 2  # the rollouts' batch and the evaluation's
+  # The sampler is jitted once per process: at most its two shapes (the rollouts' batch and the
+  # evaluation's), fewer where an earlier run in this process compiled them.
+  assert compiled['jit(generate)'] <= 2
 
 
 def test_rollout_log_probs_equal_a_teacher_forced_forward(sft_workdir):
