@@ -75,7 +75,11 @@ def overridden(config: ml_collections.ConfigDict, overrides) -> ml_collections.C
         or leaf not in parent:
       raise UserError(f'{item!r} is not an override of an existing field (dotted.key=value, '
                       'such as model.scan_layers=false)')
-    parent[leaf] = _parse_like(text, parent[leaf], key)
+    try:
+      parent[leaf] = _parse_like(text, parent[leaf], key)
+    except TypeError:  # a tuple or nested field, which one string cannot set
+      raise UserError(f'{item!r}: {key} holds a {type(parent[leaf]).__name__}, which '
+                      '--compare cannot set') from None
   return other
 
 

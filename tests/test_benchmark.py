@@ -23,6 +23,7 @@ def test_overrides_take_the_fields_types():
     ('train.batch_size', 'not an override of an existing field'),
     ('model.scan_layers=maybe', 'expected true or false'),
     ('train.batch_size=big', 'expected a int'),
+    ('data.mixture=world', 'data.mixture holds a tuple'),
 ])
 def test_a_bad_override_names_itself(override, message):
   with pytest.raises(UserError, match=message):
