@@ -232,6 +232,62 @@ def test_prefill_then_steps_at_per_row_positions_matches_the_full_forward(scan_l
                                err_msg=f'step {i}')
 
 
+def _attention_float64(q, k, v, mask, scale):
+  """Grouped-query softmax attention in float64 numpy, one query head at a time."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  group = q.shape[2] // k.shape[2]
+  out = np.zeros_like(q)
+  for head in range(q.shape[2]):
+    scores = np.einsum('blh,bsh->bls', q[:, :, head], k[:, :, head // group]) * scale
+    scores = np.where(mask[:, 0], scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True, initial=-1e300))
+    weights = np.where(mask[:, 0].any(-1, keepdims=True), weights, 1.0)  # padding: uniform
+    out[:, :, head] = np.einsum('bls,bsh->blh', weights / weights.sum(-1, keepdims=True),
+                                v[:, :, head // group])
+  return out
+
+
+def _attention_inputs(num_heads, num_kv_heads, seed=0):
+  """Two packed documents, then padding, in a row; a second row with one document."""
+  rng = np.random.default_rng(seed)
+  B, L, H = 2, 12, 8
+  q, k, v = (rng.standard_normal((B, L, n, H)).astype(np.float32)
+             for n in (num_heads, num_kv_heads, num_kv_heads))
+  segments = np.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * L])
+  positions = np.array([list(range(5)) + list(range(4)) + [0] * 3, list(range(L))])
+  mask = np.asarray(model_lib.attention_mask(positions, segments, positions, segments))
+  return q, k, v, mask
+
+
+@pytest.mark.parametrize('num_heads,num_kv_heads', [(4, 4), (4, 2), (6, 1)])
+def test_grouped_attention_matches_float64_and_jax_reference(num_heads, num_kv_heads):
+  q, k, v, mask = _attention_inputs(num_heads, num_kv_heads)
+  scale = 0.3
+  out = model_lib.grouped_attention(q, k, v, mask, scale)
+  # float32 against float64: a few ulps of outputs of order 1.
+  np.testing.assert_allclose(out, _attention_float64(q, k, v, mask, scale), rtol=0, atol=1e-5)
+
+  def loss(attention, q, k, v):
+    return jnp.sum(jnp.sin(attention(q, k, v)))
+  ours = jax.grad(functools.partial(loss, lambda q, k, v: model_lib.grouped_attention(
+      q, k, v, mask, scale)), argnums=(0, 1, 2))(q, k, v)
+  reference = jax.grad(functools.partial(loss, lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, mask=mask, scale=scale)), argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(ours, reference):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_grouped_attention_in_bfloat16_is_close_to_float64():
+  q, k, v, mask = _attention_inputs(4, 2)
+  out = model_lib.grouped_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), mask,
+                                    8 ** -0.5)
+  assert out.dtype == jnp.bfloat16
+  # Inputs rounded to 8 bits (relative 2^-9) and probabilities rounded once more: outputs (values
+  # of order 1) within 3e-2; a wrong mask or scale moves them by far more.
+  err = np.abs(np.asarray(out, np.float32) - _attention_float64(q, k, v, mask, 8 ** -0.5))
+  assert err.max() < 3e-2, err.max()
+
+
 def test_bfloat16_compute_is_close_to_float32():
   fp32 = _config()
   bf16 = dataclasses.replace(fp32, dtype='bfloat16')
