@@ -11,6 +11,9 @@ which LoRA does without (its reference is the base with the adapters off). `--me
 compiles the step without running it or allocating the state, for configs larger than the host:
 bytes per device from the state's shardings and the compiled program's memory analysis.
 
+`--generate=128,48,24` times the KV-cache sampler instead: RL rollouts of 128 rows, prompts of
+up to 48 tokens, 24 new tokens each; generated tokens/s.
+
 `--compare=model.scan_layers=false` (repeatable) times a second config, the first with those
 overrides, alternately with the first in one process (`--rounds` times), so that a change is
 measured against its base on the same machine at the same time: medians and the speed-up.
@@ -31,6 +34,7 @@ from jaxlm import lora
 from jaxlm import metrics
 from jaxlm import model as model_lib
 from jaxlm import perf
+from jaxlm import sampling
 from jaxlm import sharding
 from jaxlm import trainer
 from jaxlm.data import pipeline
@@ -148,6 +152,41 @@ def benchmark(config, steps: int, vocab_size: int, memory_only: bool = False) ->
   }
 
 
+def benchmark_generation(config, rows: int, prompt_len: int, max_new_tokens: int,
+                         vocab_size: int, rounds: int = 3) -> dict:
+  """The KV-cache sampler (`sampling.generate`, as RL rollouts call it: temperature 1, log-probs
+  returned) on random prompts of random lengths, every row generating `max_new_tokens`:
+  generated tokens/s, the best of `rounds` after a compiling call."""
+  padded = -(-vocab_size // config.model.vocab_multiple) * config.model.vocab_multiple
+  model = model_lib.Transformer(model_lib.ModelConfig.from_config(config.model, padded,
+                                                                  vocab_size))
+  mesh = sharding.make_mesh(config.mesh)
+  rng = np.random.default_rng(config.seed)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    params = jax.jit(lm.init_params_fn(model, prompt_len))(jax.random.PRNGKey(0))
+    placed = sharding.put_batch({
+        'prompts': rng.integers(3, vocab_size, (rows, prompt_len), dtype=np.int32),
+        'lengths': rng.integers(prompt_len // 2, prompt_len + 1, rows, dtype=np.int32)}, mesh)
+
+    def generate(seed):
+      return jax.block_until_ready(sampling.generate(
+          model, params, placed['prompts'], placed['lengths'], jax.random.PRNGKey(seed),
+          max_new_tokens=max_new_tokens, temperature=1.0, return_log_probs=True))
+
+    start = time.perf_counter()
+    generate(0)
+    compile_seconds = time.perf_counter() - start
+    times = []
+    for seed in range(1, rounds + 1):
+      start = time.perf_counter()
+      generate(seed)
+      times.append(time.perf_counter() - start)
+  best = min(times)
+  return {'device': jax.devices()[0].device_kind, 'rows': rows, 'prompt_len': prompt_len,
+          'max_new_tokens': max_new_tokens, 'first_call_seconds': compile_seconds,
+          'generate_seconds': times, 'generated_tokens_per_sec': rows * max_new_tokens / best}
+
+
 def compare(configs_by_name: dict, steps: int, vocab_size: int | None, rounds: int) -> dict:
   """Each config's benchmark, alternated `rounds` times in this process so that both see the
   same machine; medians per config and the speed-up of the last over the first."""
@@ -173,7 +212,15 @@ def main(argv):
   _INITIALIZE_DISTRIBUTED()
   metrics.configure_logging()
   config = cli.config_value(_CONFIG)
-  if _COMPARE.value:
+  if _GENERATE.value:
+    if len(_GENERATE.value) != 3 or not all(v.isdigit() and int(v) > 0
+                                            for v in _GENERATE.value):
+      raise UserError(f'--generate={",".join(_GENERATE.value)}: expected ROWS,PROMPT_LEN,'
+                      'MAX_NEW_TOKENS, three positive integers (such as 128,48,24)')
+    rows, prompt_len, max_new_tokens = (int(v) for v in _GENERATE.value)
+    result = benchmark_generation(config, rows, prompt_len, max_new_tokens,
+                                  _VOCAB.value or config.tokenizer.vocab_size, _ROUNDS.value)
+  elif _COMPARE.value:
     if _MEMORY_ONLY.value:
       raise UserError('--compare times steps; it cannot be combined with --memory_only')
     other = configs.overridden(config, _COMPARE.value)
@@ -200,5 +247,8 @@ if __name__ == '__main__':
       'compare', [], 'An override (dotted.key=value, repeatable) of a second config, timed '
       'alternately with --config in this process; prints both and the speed-up.')
   _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternations of --compare.', lower_bound=1)
+  _GENERATE = flags.DEFINE_list(
+      'generate', [], 'ROWS,PROMPT_LEN,MAX_NEW_TOKENS: time the KV-cache sampler instead of '
+      'the train step (RL rollouts of the pipeline: 128,48,24); --rounds calls.')
   _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()
   cli.start(main)

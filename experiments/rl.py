@@ -121,6 +121,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
       return loaded
 
     sequence = config.rollout.prompt_len + config.rollout.max_new_tokens
+    generation = rl.GenerationTimer()
     stage = trainer.Stage(
         init_params=init_params, load_params=load_params, loss_fn=None,
         train_batches=iterator,
@@ -133,7 +134,8 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
         make_step=lambda optimizer: rl.make_step(rl.make_loss(policy, critic, config),
                                                  optimizer, config.epochs, config.minibatches),
         prepare_batch=rl.make_prepare_batch(config, tokenizer, policy, scorer, prompts,
-                                            iterator, mesh))
+                                            iterator, mesh, generation),
+        window_metrics=generation.metrics)
     return trainer.train(config, workdir, stage, mesh)
 
 

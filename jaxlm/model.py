@@ -327,13 +327,11 @@ class Transformer(nn.Module):
       is_local_L = jnp.asarray([c.is_local(i) for i in range(c.num_layers)])
       x, cache = self.layers(x, cache, is_local_L, positions_BxL, segment_ids_BxL)
     else:
-      new_cache = []
       for i, layer in enumerate(self.layers):
         layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
         x, layer_cache = layer(x, positions_BxL, segment_ids_BxL, layer_cache, c.is_local(i))
-        new_cache.append(layer_cache)
-      if cache is not None:
-        cache = jax.tree.map(lambda *a: jnp.stack(a), *new_cache)
+        if cache is not None:  # in place: stacking the layers anew copied the whole cache
+          cache = jax.tree.map(lambda a, new, i=i: a.at[i].set(new), cache, layer_cache)
     return self.final_norm(x), cache
 
   def logits(self, hidden_BxLxD):
@@ -351,6 +349,13 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, cache=None):
     hidden, cache = self.hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL, cache)
     return self.logits(hidden), cache
+
+  def logits_at(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, index_B):
+    """Logits [B, V] at one position of each row (a prompt's last token) and the cache: the
+    other positions are never unembedded (in a prefill, the largest matmul of all)."""
+    hidden_BxLxD, cache = self.hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL, cache)
+    hidden_Bx1xD = jnp.take_along_axis(hidden_BxLxD, index_B[:, None, None], axis=1)
+    return self.logits(hidden_Bx1xD)[:, 0], cache
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> dict[str, Any]:

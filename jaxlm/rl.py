@@ -14,6 +14,7 @@ objective:
 import dataclasses
 import functools
 import re
+import time
 from typing import Callable
 
 import jax
@@ -123,6 +124,7 @@ class Rollouts:
   log_probs_BxT: jax.Array  # the sampling policy's log-probs of the targets
   last_index_B: jax.Array  # index (in targets) of each reply's last token
   replies: list[str]
+  generated_tokens: int = 0  # this process's sampled tokens, end-of-turn included
 
 
 def encode_prompts(tokenizer, examples: list[dict], width: int):
@@ -158,7 +160,8 @@ def rollout(model, params, tokenizer, examples: list[dict], rng, *, prompt_len: 
       inputs_BxT=tokens[:, :-1], targets_BxT=tokens[:, 1:],
       segment_ids_BxT=(positions_T < ends_B[:, None]).astype(jnp.int32),
       response_mask_BxT=response.astype(jnp.float32), log_probs_BxT=log_probs[:, 1:],
-      last_index_B=ends_B - 2, replies=replies)
+      last_index_B=ends_B - 2, replies=replies,
+      generated_tokens=int(np.sum(host_ends - prompt_lengths)))
 
 
 def sequence_token_log_probs(model, params, inputs_BxT, targets_BxT, segment_ids_BxT):
@@ -368,8 +371,27 @@ def _arrays(rollouts: Rollouts) -> dict:
           'last_index': rollouts.last_index_B}
 
 
+class GenerationTimer:
+  """Wall time and tokens of the rollouts sampled between two logged steps: how fast the sampler
+  runs and what share of the run it takes (the rest is scoring and the update)."""
+
+  def __init__(self):
+    self.seconds, self.tokens = 0.0, 0
+
+  def add(self, seconds: float, tokens: int) -> None:
+    self.seconds += seconds
+    self.tokens += tokens
+
+  def metrics(self, window_seconds: float) -> dict[str, float]:
+    """The window's `perf/generation_share` and `perf/generated_tokens_per_sec`; then resets."""
+    result = {'perf/generation_share': self.seconds / max(window_seconds, 1e-9),
+              'perf/generated_tokens_per_sec': self.tokens / max(self.seconds, 1e-9)}
+    self.seconds, self.tokens = 0.0, 0
+    return result
+
+
 def make_prepare_batch(rl_config, tokenizer, policy, scorer: Scorer, prompts: list[dict],
-                       iterator: PromptIterator, mesh):
+                       iterator: PromptIterator, mesh, timer: GenerationTimer | None = None):
   """(state, {'indices': this process's prompt indices}) -> training batch, sampling replies
   from the current policy."""
   c = rl_config
@@ -377,10 +399,15 @@ def make_prepare_batch(rl_config, tokenizer, policy, scorer: Scorer, prompts: li
   def prepare(state, batch):
     examples = [prompts[int(i)] for i in batch['indices']
                 for _ in range(c.rollout.samples_per_prompt)]
-    rollouts = rollout(policy, trainer.all_params(state)['policy'], tokenizer, examples,
+    # Sampling needs the updated policy anyway; waiting for it here times generation alone.
+    params = jax.block_until_ready(trainer.all_params(state)['policy'])
+    start = time.perf_counter()
+    rollouts = rollout(policy, params, tokenizer, examples,
                        jax.random.fold_in(state.rng, 1), prompt_len=c.rollout.prompt_len,
                        max_new_tokens=c.rollout.max_new_tokens,
                        temperature=c.rollout.temperature, mesh=mesh)
+    if timer is not None:  # rollout ends on the host, with the replies decoded
+      timer.add(time.perf_counter() - start, rollouts.generated_tokens)
     batch = scorer.batch(state, rollouts, examples, iterator.kl.value)
     if c.kl.adaptive:  # one host sync per step, only when the controller needs the KL
       replies = len(examples) * jax.process_count()

@@ -58,18 +58,32 @@ def filter_logits(logits_BxV, temperature, top_k, top_p):
   return logits
 
 
+def argmax(x_BxV):
+  """`jnp.argmax` over the last axis (the first of equal maxima) from two plain reductions,
+  which XLA:CPU runs 3-4x faster than argmax's variadic (value, index) one."""
+  V = x_BxV.shape[-1]
+  is_max = x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)
+  return jnp.minimum(jnp.min(jnp.where(is_max, jnp.arange(V), V), axis=-1), V - 1)
+
+
+def categorical(rng, logits_BxV):
+  """The draws of `jax.random.categorical` (Gumbel noise plus logits, then the argmax), with
+  the faster `argmax`."""
+  return argmax(jax.random.gumbel(rng, logits_BxV.shape, logits_BxV.dtype) + logits_BxV)
+
+
 def choose(logits_BxV, rng, temperature, top_k: int = 0, top_p: float = 1.0):
   """The next token of each row: the argmax where temperature is 0, else a draw from the
   filtered softmax. `rng` is one key for the batch, or one key per row ([B] typed keys) so that
   a row's draws do not depend on the rows beside it. Settings as in `filter_logits`."""
-  greedy_B = jnp.argmax(logits_BxV, axis=-1)
+  greedy_B = argmax(logits_BxV)
   if _is_static(temperature) and temperature == 0:
     return greedy_B
   filtered_BxV = filter_logits(logits_BxV, temperature, top_k, top_p)
   if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1:
-    sampled_B = jax.vmap(jax.random.categorical)(rng, filtered_BxV)
+    sampled_B = jax.vmap(categorical)(rng, filtered_BxV)
   else:
-    sampled_B = jax.random.categorical(rng, filtered_BxV)
+    sampled_B = categorical(rng, filtered_BxV)
   if _is_static(temperature):
     return sampled_B
   return jnp.where(temperature == 0, greedy_B, sampled_B)
@@ -80,11 +94,8 @@ def prefill(model: model_lib.Transformer, params, prompts_BxP, prompt_lengths_B,
   logits [B, V] after each row's last prompt token, and the cache."""
   B, P = prompts_BxP.shape
   positions = jnp.broadcast_to(jnp.arange(P), (B, P))
-  logits_BxPxV, cache = model.apply({'params': params}, prompts_BxP, positions,
-                                    jnp.ones_like(prompts_BxP), cache=cache)
-  last_logits_BxV = jnp.take_along_axis(
-      logits_BxPxV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
-  return last_logits_BxV, cache
+  return model.apply({'params': params}, prompts_BxP, positions, jnp.ones_like(prompts_BxP),
+                     cache, prompt_lengths_B - 1, method='logits_at')
 
 
 def decode_step(model: model_lib.Transformer, params, tokens_B, positions_B, cache):

@@ -183,6 +183,8 @@ class Stage:
   # (state, host batch) -> device batch; default: place the rows on the mesh. RL generates its
   # rollouts here, from the current policy.
   prepare_batch: Callable[[TrainState, dict], dict] | None = None
+  # seconds since the last logged step -> host-side metrics of that window (RL: generation).
+  window_metrics: Callable[[float], dict[str, float]] | None = None
 
 
 def abstract_params(boxed_shapes, mesh):
@@ -324,12 +326,14 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
         nonfinite = _check_nonfinite(state, step, tc.max_nonfinite_steps, nonfinite)
         now = time.time()
         tokens_per_sec = tokens_per_step * (step - last_step) / (now - last_time)
-        last_time, last_step = now, step
         scalars.update({
             'train/learning_rate': float(learning_rate_schedule(tc)(step - 1)),
             'perf/tokens_per_sec': tokens_per_sec,
             'perf/mfu': tokens_per_sec * stage.flops_per_token / peak,
         })
+        if stage.window_metrics is not None:
+          scalars.update(stage.window_metrics(now - last_time))
+        last_time, last_step = now, step
         if evaluate:
           scalars.update(stage.evaluate(all_params(state), step))
           last_time = time.time()  # evaluation is not training throughput

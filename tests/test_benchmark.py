@@ -43,3 +43,11 @@ def test_compare_alternates_the_configs_and_each_runs_as_configured():
   # The same batch in two micro-batches: the same updates, so the same loss.
   np.testing.assert_allclose(result['accumulated']['final_loss'], result['whole']['final_loss'],
                              rtol=1e-5)
+
+
+def test_the_generation_benchmark_counts_every_row_s_new_tokens():
+  result = benchmark.benchmark_generation(tiny_config.config(), rows=4, prompt_len=8,
+                                          max_new_tokens=5, vocab_size=320, rounds=2)
+  assert len(result['generate_seconds']) == 2
+  assert result['generated_tokens_per_sec'] == pytest.approx(
+      4 * 5 / min(result['generate_seconds']))

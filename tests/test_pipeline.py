@@ -10,7 +10,7 @@ from tests import tiny_config
 
 def test_the_pipeline_runs_every_stage_and_writes_the_summary(tmp_path):
   config = pipeline_config.get_config()
-  config.pretrain = tiny_config.config(steps=4)
+  config.pretrain = tiny_config.config(steps=4, **{'model.scan_layers': False})  # as tiny.py
   config.sft = tiny_config.sft_config('', steps=2)
   config.reward_model = tiny_config.reward_config('', steps=2)
   config.grpo = tiny_config.rl_config('', steps=2)

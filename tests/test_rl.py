@@ -34,12 +34,30 @@ def sft_workdir(tmp_path_factory):
 
 
 def test_an_rl_run_compiles_its_step_once_and_its_sampler_once_per_shape(sft_workdir, tmp_path):
+  config = tiny_config.rl_config(sft_workdir, steps=6)
   with perf.counting_compilations() as compiled:
-    rl_binary.train_and_evaluate(tiny_config.rl_config(sft_workdir, steps=6), str(tmp_path))
+    rl_binary.train_and_evaluate(config, str(tmp_path))
   assert compiled['jit(step)'] == 1
   # The sampler is jitted once per process: at most its two shapes (the rollouts' batch and the
   # evaluation's), fewer where an earlier run in this process compiled them.
   assert compiled['jit(generate)'] <= 2
+  # Every logged step reports its window's generation: a share of the wall time, at a speed
+  # that, over that time, generates no more than every row's full reply budget of each step.
+  with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
+    logged = [r for r in map(json.loads, f) if 'perf/tokens_per_sec' in r]
+  assert logged and all('perf/generation_share' in r for r in logged)
+  rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
+  tokens_per_step = rows * (config.rollout.prompt_len + config.rollout.max_new_tokens)
+  previous_step = 0
+  for record in logged:
+    steps = record['step'] - previous_step
+    previous_step = record['step']
+    assert 0 < record['perf/generation_share'] < 1
+    window_seconds = steps * tokens_per_step / record['perf/tokens_per_sec']
+    generated = (record['perf/generated_tokens_per_sec'] * record['perf/generation_share']
+                 * window_seconds)
+    assert 0 < generated <= steps * rows * config.rollout.max_new_tokens * 1.001
+
 
 
 def test_rollout_log_probs_equal_a_teacher_forced_forward(sft_workdir):

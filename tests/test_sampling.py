@@ -232,3 +232,26 @@ def test_sampled_first_tokens_follow_the_filtered_softmax(params, prompts, first
   for wrong in (_softmax(logits[top_k]), _softmax(logits[top_k] / TEMPERATURE**2),
                 np.full(TOP_K, 1 / TOP_K)):
     assert _chi2_p_value(samples, wrong) < 1e-6
+
+
+def test_argmax_is_jnp_argmax_including_ties():
+  rng = np.random.default_rng(0)
+  logits = rng.integers(0, 4, (64, 50)).astype(np.float32)  # many rows with tied maxima
+  logits[0] = -np.inf
+  logits[1, [3, 7]] = np.inf
+  np.testing.assert_array_equal(sampling.argmax(jnp.asarray(logits)), np.argmax(logits, -1))
+
+
+@pytest.mark.parametrize('per_row_keys', [False, True])
+def test_categorical_draws_what_jax_random_categorical_draws(per_row_keys):
+  logits = jnp.asarray(np.random.default_rng(1).standard_normal((256, 40)), jnp.float32)
+  logits = logits.at[:, 5:].set(-jnp.inf)  # filtered ids are never drawn
+  if per_row_keys:
+    keys = jax.random.split(jax.random.key(3), logits.shape[0])
+    ours, reference = (jax.vmap(f)(keys, logits)
+                       for f in (sampling.categorical, jax.random.categorical))
+  else:
+    key = jax.random.PRNGKey(3)
+    ours, reference = sampling.categorical(key, logits), jax.random.categorical(key, logits)
+  np.testing.assert_array_equal(ours, reference)
+  assert int(ours.max()) < 5 and len(np.unique(ours)) == 5

@@ -165,6 +165,8 @@ CASES = [
     case('benchmark_zero_steps', 'benchmark', r'--steps=0', '--steps=0'),
     case('benchmark_bad_compare', 'benchmark', r"scan_layerz=false' is not an override",
          '--compare=model.scan_layerz=false'),
+    case('benchmark_bad_generate', 'benchmark', r'--generate=128,48: expected ROWS',
+         '--generate=128,48'),
     case('benchmark_hf_load_without_dir', 'benchmark_hf_load', r'--dir'),
     case('pipeline_bad_override', 'pipeline', r'stepz', '--config.sft.train.stepz=1'),
     # Checked before pretraining starts, not when the stage does.
@@ -179,7 +181,7 @@ HELP = [  # binary, the flags its --help must list
     ('pretrain', ('--config', '--workdir')), ('sft', ('--config', '--workdir')),
     ('reward_model', ('--config', '--workdir', '--score')), ('rl', ('--config', '--workdir')),
     ('dpo', ('--config', '--workdir')), ('pipeline', ('--config', '--workdir')),
-    ('scaling', ('--config', '--workdir')), ('benchmark', ('--config', '--steps', '--compare')),
+    ('scaling', ('--config', '--workdir')), ('benchmark', ('--config', '--steps', '--compare', '--generate')),
     ('generate', ('--workdir', '--prompt')), ('export_hf', ('--workdir', '--out')),
     ('benchmark_hf_load', ('--config', '--dir')), ('benchmark_checkpoint', ('--config', '--dir')),
     ('tokenize_data', ('--config', '--out', '--num_workers')),

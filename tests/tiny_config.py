@@ -9,8 +9,9 @@ from experiments.configs import tiny
 
 def config(steps=8, **overrides):
   c = tiny.get_config()
+  # Scanned, the layout of accelerator runs; the pipeline test runs the CPU configs' unrolled.
   c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                 mlp_dim=128, max_seq_len=128)
+                 mlp_dim=128, max_seq_len=128, scan_layers=True)
   c.data.update(seq_len=64, num_train_docs=400, num_validation_docs=40)
   c.tokenizer.update(vocab_size=320, train_docs=400)
   c.train.update(steps=steps, batch_size=8, warmup_steps=2)
