@@ -57,6 +57,9 @@ class GPT(nn.Module):
     self.position_embedding = nn.Embedding(seq_len, d_model)
     self.blocks = nn.ModuleList(Block(d_model, heads) for _ in range(layers))
     self.final_norm = nn.LayerNorm(d_model, bias=False)
+    for module in self.modules():  # nanoGPT's initialisation
+      if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
 
   def forward(self, tokens, targets):
     positions = torch.arange(tokens.shape[1])
@@ -121,7 +124,7 @@ def main():
       'params': sum(p.numel() for p in model.parameters()),
       'step_seconds': step_seconds, 'round_step_seconds': rounds,
       'tokens_per_sec': tokens_per_sec, 'model_flops_per_sec': model_flops,
-      'peak_flops_per_sec': peak, 'mfu': model_flops / peak, 'final_loss': float(loss),
+      'peak_flops_per_sec': peak, 'mfu': model_flops / peak, 'final_loss': loss.item(),
       'initial_loss_expected': math.log(args.vocab_size)}))
 
 

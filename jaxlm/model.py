@@ -327,11 +327,13 @@ class Transformer(nn.Module):
       is_local_L = jnp.asarray([c.is_local(i) for i in range(c.num_layers)])
       x, cache = self.layers(x, cache, is_local_L, positions_BxL, segment_ids_BxL)
     else:
+      new_cache = []
       for i, layer in enumerate(self.layers):
         layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
         x, layer_cache = layer(x, positions_BxL, segment_ids_BxL, layer_cache, c.is_local(i))
-        if cache is not None:  # in place: stacking the layers anew copied the whole cache
-          cache = jax.tree.map(lambda a, new, i=i: a.at[i].set(new), cache, layer_cache)
+        new_cache.append(layer_cache)
+      if cache is not None:
+        cache = jax.tree.map(lambda *a: jnp.stack(a), *new_cache)
     return self.final_norm(x), cache
 
   def logits(self, hidden_BxLxD):

@@ -231,6 +231,11 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+class Preempted(SystemExit):
+  """SIGTERM during training, the checkpoint saved: the program ends here (status 0) rather
+  than go on with an unfinished model, as to a pipeline's next stage."""
+
+
 class NonFiniteTraining(UserError):
   """Too many steps in a row had a non-finite loss, gradient or update."""
 
@@ -263,7 +268,8 @@ def _place(local, mesh, grad_accum_steps: int):
 
 
 def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
-  """Runs (or resumes) training; returns the final state. Call under `jax.set_mesh(mesh)`."""
+  """Runs (or resumes) training; returns the final state. On SIGTERM it saves a checkpoint and
+  raises `Preempted`. Call under `jax.set_mesh(mesh)`."""
   tc = config.train
   optimizer = make_optimizer(tc)
   trainable = lora.trainable(config.lora) if lora.enabled(config) else None
@@ -349,7 +355,7 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
       if preempted:
         checkpointer.wait()
         metrics_lib.log(f'SIGTERM: saved the checkpoint at step {step}; exiting.')
-        break
+        raise Preempted(0)
   finally:
     preemption.restore()
     checkpointer.close()

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import flax.linen as nn
@@ -105,6 +106,24 @@ def _losses(workdir):
       record = json.loads(line)
       out[record['step']] = record['train/loss']
   return out
+
+
+def test_sigterm_ends_the_program_so_no_later_stage_starts_from_an_unfinished_model(tmp_path):
+  workdir = tmp_path / 'base'
+  metrics_file = workdir / 'metrics.jsonl'
+
+  def terminate_once_training_logs():
+    while not (metrics_file.exists() and metrics_file.read_text().count('\n') >= 2):
+      time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=terminate_once_training_logs, daemon=True).start()
+  steps = 5000  # far more than run before the signal
+  with pytest.raises(trainer.Preempted) as stopped:
+    pretrain.train_and_evaluate(tiny_config.config(steps=steps), str(workdir))
+  assert stopped.value.code == 0  # a clean exit, as a job scheduler expects
+  saved = [int(name) for name in os.listdir(workdir / 'checkpoints') if name.isdigit()]
+  assert saved and max(saved) == max(_losses(str(workdir))) < steps
 
 
 def test_sigterm_saves_and_the_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
