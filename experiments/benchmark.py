@@ -83,8 +83,7 @@ def memory_without_running(config, model, optimizer, trainable, mesh, batch) -> 
 def benchmark(config, steps: int, vocab_size: int, memory_only: bool = False) -> dict:
   configs.validate(config, {'data.source': pipeline.SOURCES})
   tc, seq_len = config.train, config.data.seq_len
-  padded = -(-vocab_size // config.model.vocab_multiple) * config.model.vocab_multiple
-  model_config = model_lib.ModelConfig.from_config(config.model, padded, vocab_size)
+  model_config = lm.padded_model_config(config, vocab_size)
   base_model = model_lib.Transformer(model_config)
   model = lora.for_config(base_model, config)
   trainable = lora.trainable(config.lora) if lora.enabled(config) else None
@@ -157,9 +156,7 @@ def benchmark_generation(config, rows: int, prompt_len: int, max_new_tokens: int
   """The KV-cache sampler (`sampling.generate`, as RL rollouts call it: temperature 1, log-probs
   returned) on random prompts of random lengths, every row generating `max_new_tokens`:
   generated tokens/s, the best of `rounds` after a compiling call."""
-  padded = -(-vocab_size // config.model.vocab_multiple) * config.model.vocab_multiple
-  model = model_lib.Transformer(model_lib.ModelConfig.from_config(config.model, padded,
-                                                                  vocab_size))
+  model = model_lib.Transformer(lm.padded_model_config(config, vocab_size))
   mesh = sharding.make_mesh(config.mesh)
   rng = np.random.default_rng(config.seed)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
@@ -246,7 +243,8 @@ if __name__ == '__main__':
   _COMPARE = flags.DEFINE_multi_string(
       'compare', [], 'An override (dotted.key=value, repeatable) of a second config, timed '
       'alternately with --config in this process; prints both and the speed-up.')
-  _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternations of --compare.', lower_bound=1)
+  _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternations of --compare; timed calls of '
+                                 '--generate.', lower_bound=1)
   _GENERATE = flags.DEFINE_list(
       'generate', [], 'ROWS,PROMPT_LEN,MAX_NEW_TOKENS: time the KV-cache sampler instead of '
       'the train step (RL rollouts of the pipeline: 128,48,24); --rounds calls.')

@@ -36,9 +36,7 @@ def _timed(fn, *args):
 
 
 def benchmark(config, directory: str, what: str, repeats: int) -> dict:
-  vocab = config.tokenizer.vocab_size
-  padded = -(-vocab // config.model.vocab_multiple) * config.model.vocab_multiple
-  model = model_lib.Transformer(model_lib.ModelConfig.from_config(config.model, padded, vocab))
+  model = model_lib.Transformer(lm.padded_model_config(config, config.tokenizer.vocab_size))
   mesh = sharding.make_mesh(config.mesh)
   results = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):

@@ -51,8 +51,14 @@ def model_config(config, tokenizer) -> model_lib.ModelConfig:
       raise UserError(f'the tokenizer has {tokenizer.vocab_size} ids but the model\'s embedding '
                       f'only {config.model.vocab_size}: they do not belong together')
     return model_lib.ModelConfig.from_config(config.model, config.model.vocab_size)
-  vocab = math.ceil(tokenizer.vocab_size / config.model.vocab_multiple) * config.model.vocab_multiple
-  return model_lib.ModelConfig.from_config(config.model, vocab, tokenizer.vocab_size)
+  return padded_model_config(config, tokenizer.vocab_size)
+
+
+def padded_model_config(config, vocab_size: int) -> model_lib.ModelConfig:
+  """jaxlm's own model for `vocab_size` token ids, its embedding padded to a multiple of
+  `config.model.vocab_multiple` for sharding."""
+  vocab = math.ceil(vocab_size / config.model.vocab_multiple) * config.model.vocab_multiple
+  return model_lib.ModelConfig.from_config(config.model, vocab, vocab_size)
 
 
 def with_bos(tokenizer, ids: list[int]) -> list[int]:
