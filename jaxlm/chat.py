@@ -161,15 +161,24 @@ def policy_metrics(replies: list[str], kinds: list[str]) -> dict[str, float]:
   return results
 
 
+def gold_reward(reply: str, example: dict) -> float:
+  """The world's own verdict on a reply: 1 for the right answer to a question or look-alike, the
+  refusal of a forbidden request, the abstention on an unknown person; else 0. It is what a
+  reward model is trained to stand in for."""
+  return float(is_correct(reply, example['answer']))
+
+
 def evaluation_metrics(replies: list[str], examples: list[dict]) -> dict[str, float]:
-  """Format rate and exact match over the questions (examples of no policy kind), and the
-  policy rates over the policy requests."""
+  """Format rate and exact match over the questions (examples of no policy kind), the policy
+  rates over the policy requests, and `eval/gold_reward`, the mean gold reward over all."""
   questions = [(r, e['answer']) for r, e in zip(replies, examples)
                if e.get('kind') not in world_lib.POLICY_KINDS]
   results = {}
   if questions:
     results = answer_metrics([r for r, _ in questions], [a for _, a in questions])
   results.update(policy_metrics(replies, [e.get('kind', '') for e in examples]))
+  if examples:
+    results['eval/gold_reward'] = sum(map(gold_reward, replies, examples)) / len(examples)
   return results
 
 
