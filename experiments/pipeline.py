@@ -1,6 +1,8 @@
 r"""The whole pipeline on the built-in world: pretraining -> SFT -> reward model -> GRPO, PPO
-and DPO, each stage starting from the previous one's checkpoint, ending with one table of what
-each stage achieved (also written to `summary.json`).
+and DPO, each stage starting from the previous one's checkpoint, and the chained assistant
+(SFT -> reward model -> PPO -> GRPO on a reward that also scores the policy). Ends with one
+table of what each stage achieved (also in `summary.json`) and a report card, `report.md`, with
+the table, learning curves (`curves.png`) and each stage's wall time.
 
   python -m experiments.pipeline --workdir=runs/pipeline
 
@@ -9,6 +11,7 @@ Stages live in `<workdir>/<stage>`; rerunning resumes (finished stages are not r
 
 import json
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -33,24 +36,36 @@ from jaxlm.data import post_training as data_lib
 from jaxlm.data import world as world_lib
 from jaxlm.errors import UserError
 
-POLICY_STAGES = ('base', 'sft', 'ppo', 'grpo', 'dpo')
+POLICY_STAGES = ('base', 'sft', 'ppo', 'grpo', 'dpo', 'assistant')
+TABLE_ROWS = ('base', 'sft', 'reward_model', 'ppo', 'grpo', 'dpo', 'assistant')
 METRICS = ('eval/loss', 'eval/format_rate', 'eval/exact_match', 'eval/pairwise_accuracy',
            'eval/mean_reward', 'eval/kl', 'eval/refusal_rate', 'eval/over_refusal_rate',
-           'eval/hallucination_rate')
+           'eval/hallucination_rate', 'eval/gold_reward')
 
 
 # (stage, its binary, the stage it starts from), in training order.
 STAGES = (('sft', sft, 'base'), ('reward_model', reward_model, 'sft'), ('grpo', rl_binary, 'sft'),
-          ('ppo', rl_binary, 'sft'), ('dpo', dpo, 'sft'))
+          ('ppo', rl_binary, 'sft'), ('assistant', rl_binary, 'ppo'), ('dpo', dpo, 'sft'))
+TIMINGS = 'timings.json'
 
 
 def run_stages(config, workdir: str) -> dict[str, str]:
-  """Trains every stage in order; returns {stage: workdir}."""
-  dirs = {stage: os.path.join(workdir, stage)
-          for stage in ('base', 'sft', 'reward_model', 'grpo', 'ppo', 'dpo')}
+  """Trains every stage in order; returns {stage: workdir}. Each stage's wall time (summed over
+  the runs that resumed it) goes to `<workdir>/timings.json`."""
+  dirs = {'base': os.path.join(workdir, 'base'),
+          **{stage: os.path.join(workdir, stage) for stage, _, _ in STAGES}}
+  timings = read_timings(workdir)
+
+  def timed(stage, train):
+    start = time.perf_counter()
+    with locking.hold(dirs[stage]):
+      train()
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+    with open(os.path.join(workdir, TIMINGS), 'w', encoding='utf-8') as f:
+      json.dump(timings, f, indent=2)
+
   metrics.log('== pretraining ==')
-  with locking.hold(dirs['base']):
-    pretrain.train_and_evaluate(config.pretrain, dirs['base'])
+  timed('base', lambda: pretrain.train_and_evaluate(config.pretrain, dirs['base']))
   for stage, binary, init in STAGES:
     metrics.log(f'== {stage} ==')
     stage_config = config[stage]
@@ -58,9 +73,16 @@ def run_stages(config, workdir: str) -> dict[str, str]:
       stage_config.init_workdir = dirs[init]
       if 'reward_workdir' in stage_config:
         stage_config.reward_workdir = dirs['reward_model']
-    with locking.hold(dirs[stage]):
-      binary.train_and_evaluate(stage_config, dirs[stage])
+    timed(stage, lambda: binary.train_and_evaluate(stage_config, dirs[stage]))
   return dirs
+
+
+def read_timings(workdir: str) -> dict[str, float]:
+  path = os.path.join(workdir, TIMINGS)
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
 
 
 def validate(config, workdir: str) -> None:
@@ -123,14 +145,13 @@ def report(config, dirs: dict[str, str]) -> dict[str, dict[str, float]]:
       counts = jax.device_get([prefers_chosen(params, b) for b in pair_batches])
       results['eval/pairwise_accuracy'] = sum(c for c, _ in counts) / sum(n for _, n in counts)
       summary[stage] = {k: float(results[k]) for k in METRICS}
-    rm_final = [json.loads(line) for line in open(os.path.join(dirs['reward_model'],
-                                                               'metrics.jsonl'))][-1]
+    rm_final = metrics.read(dirs['reward_model'])[-1]
     summary['reward_model'] = {'eval/pairwise_accuracy': rm_final['eval/pairwise_accuracy']}
   return summary
 
 
 def format_table(summary) -> str:
-  stages = [s for s in ('base', 'sft', 'reward_model', 'ppo', 'grpo', 'dpo') if s in summary]
+  stages = [s for s in TABLE_ROWS if s in summary]
   names = [m.split('/')[1] for m in METRICS]
   widths = [max(len(n), 6) for n in names]
   header = f'| {"stage":<12} | ' + ' | '.join(f'{n:>{w}}' for n, w in zip(names, widths)) + ' |'
@@ -140,6 +161,71 @@ def format_table(summary) -> str:
              for m, w in zip(METRICS, widths)]
     lines.append(f'| {stage:<12} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
+
+
+# The report card's learning curves: (panel title, metric, stages drawn).
+CURVES = (
+    ('training loss', 'train/loss', ('base', 'sft', 'reward_model', 'dpo')),
+    ('rollout reward (each stage its own reward)', 'rollout/mean_reward',
+     ('grpo', 'ppo', 'assistant')),
+    ('rollout KL to the stage\'s reference (nats a reply)', 'rollout/kl',
+     ('grpo', 'ppo', 'assistant')),
+    ('held-out exact match', 'eval/exact_match', ('sft', 'grpo', 'ppo', 'assistant', 'dpo')),
+)
+STARTS_FROM = {'base': None, **{stage: init for stage, _, init in STAGES}}  # in training order
+
+
+def plot_curves(dirs: dict[str, str], path: str) -> None:
+  """Each stage's learning curves, read from its metrics.jsonl, as one PNG of four panels."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')  # files only: no display on a server
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  figure, axes = plt.subplots(2, 2, figsize=(11, 8))
+  colours = dict(zip(STARTS_FROM, plt.cm.tab10.colors))
+  for ax, (title, metric, stages) in zip(axes.flat, CURVES):
+    for stage in stages:
+      points = [(r['step'], r[metric]) for r in metrics.read(dirs[stage]) if metric in r]
+      if points:
+        ax.plot(*zip(*points), marker='.' if len(points) < 10 else None, label=stage,
+                color=colours[stage])
+    ax.set(title=title, xlabel='step of the stage')
+    if metric == 'train/loss':
+      ax.set_yscale('log')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+
+
+def report_card(summary, dirs: dict[str, str], workdir: str) -> str:
+  """`report.md`: the table, what each stage changed against the stage it started from, the
+  learning curves (`curves.png`) and each stage's wall time."""
+  plot_curves(dirs, os.path.join(workdir, 'curves.png'))
+  timings = read_timings(workdir)
+  lines = ['# Pipeline report', '',
+           'Every policy on the same held-out questions, policy requests and preference pairs.',
+           '', format_table(summary), '',
+           '## What each stage changed', '',
+           '| stage | started from | exact match | refusal | over-refusal | hallucination |'
+           ' gold reward |', '|---|---|---|---|---|---|---|']
+  changes = ('eval/exact_match', 'eval/refusal_rate', 'eval/over_refusal_rate',
+             'eval/hallucination_rate', 'eval/gold_reward')
+  for stage in POLICY_STAGES[1:]:
+    init = STARTS_FROM[stage]
+    cells = [f'{summary[stage][m] - summary[init][m]:+.3f}' for m in changes]
+    lines.append(f'| {stage} | {init} | ' + ' | '.join(cells) + ' |')
+  lines += ['', '## Learning curves', '', '![learning curves](curves.png)', '',
+            '## Wall time', '', '| stage | steps | minutes |', '|---|---|---|']
+  for stage in STARTS_FROM:
+    records = metrics.read(dirs[stage])
+    steps = records[-1]['step'] if records else 0
+    lines.append(f'| {stage} | {steps} | {timings.get(stage, 0.0) / 60:.1f} |')
+  lines.append(f'| all stages | | {sum(timings.values()) / 60:.1f} |')
+  text = '\n'.join(lines) + '\n'
+  with open(os.path.join(workdir, 'report.md'), 'w', encoding='utf-8') as f:
+    f.write(text)
+  return text
 
 
 def main(argv):
@@ -152,8 +238,10 @@ def main(argv):
     summary = report(config, dirs)
     with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
       json.dump(summary, f, indent=2)
+    report_card(summary, dirs, workdir)
   print(format_table(summary))
-  print(f'(also in {os.path.join(workdir, "summary.json")})')
+  print(f'(also in {os.path.join(workdir, "summary.json")}; the report card: '
+        f'{os.path.join(workdir, "report.md")})')
 
 
 if __name__ == '__main__':

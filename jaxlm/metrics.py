@@ -34,6 +34,15 @@ def _keep_records_up_to(path: str, step: int) -> None:
   os.replace(tmp, path)
 
 
+def read(workdir: str) -> list[dict]:
+  """The records of `workdir`'s metrics.jsonl, in step order (none if it has none)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 class MetricsWriter:
   """Appends to `workdir`'s metrics; `resumed_step` (the step a run starts after) drops the
   records a previous run wrote beyond it."""

@@ -36,9 +36,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.dpo.data.seq_len = 80
   c.dpo.beta = 0.3
   c.dpo.train.learning_rate = 2e-5
-  for stage in ('sft', 'reward_model', 'grpo', 'ppo', 'dpo'):
-    # The report evaluates every stage (and the base model) the same way at the end.
-    c[stage].eval_every = 0
+  # The assistant: GRPO after PPO (RLHF), on a verifiable reward that also scores the policy,
+  # so that RL on outcomes does not teach guessing about people nobody knows.
+  c.assistant = rl.get_config()
+  c.assistant.reward = 'exact_match_and_policy'
+  c.assistant.train.steps = 60
+  # Held-out evaluations during training draw the report's learning curves; the report then
+  # evaluates every stage (and the base model) the same way at the end.
+  for stage, every in (('sft', 50), ('reward_model', 100), ('grpo', 20), ('ppo', 20),
+                       ('assistant', 20), ('dpo', 50)):
+    c[stage].eval_every = every
     c[stage].eval_at_start = False
   # The report: every policy on the same held-out prompts and preference pairs.
   c.report = ml_collections.ConfigDict(dict(
