@@ -34,6 +34,16 @@ def conversation_rows(tokenizer, examples, seq_len, what):
 
 def validate(config) -> None:
   configs.validate(config, {'data.source': data_lib.SOURCES})
+  noise = {f'config.data.{k}': config.data[k] for k in ('noise_wrong', 'noise_off_format')}
+  for field, share in noise.items():
+    if not 0 <= share <= 1:
+      raise UserError(f'{field} must be in [0, 1], got {share!r}')
+    if share and config.data.source != 'world':
+      raise UserError(f"{field} needs config.data.source='world', got "
+                      f'{config.data.source!r}')
+  if sum(noise.values()) > 1:
+    raise UserError(f'config.data.noise_wrong + config.data.noise_off_format must be at most 1, '
+                    f'got {" + ".join(map(str, noise.values()))}')
 
 
 def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
@@ -44,6 +54,9 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   train_examples = post_training.examples(config.data, 'train', world,
                                           data_lib.conversation_from_record,
                                           data_lib.world_sft_examples)
+  if config.data.noise_wrong or config.data.noise_off_format:
+    train_examples = data_lib.with_label_noise(train_examples, config.data.noise_wrong,
+                                               config.data.noise_off_format, config.seed)
   eval_examples = post_training.examples(config.data, 'eval', world,
                                          data_lib.conversation_from_record,
                                          data_lib.world_sft_examples)

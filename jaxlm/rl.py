@@ -28,6 +28,7 @@ from jaxlm import reward as reward_lib
 from jaxlm import sampling
 from jaxlm import sharding
 from jaxlm import trainer
+from jaxlm.data import reasoning
 from jaxlm.errors import UserError
 
 ALGORITHMS = ('ppo', 'grpo')
@@ -77,6 +78,19 @@ def exact_match_and_policy_reward(reply: str, example: dict) -> float:
   return 0.0
 
 
+@register_reward('honest')
+def honest_reward(reply: str, example: dict) -> float:
+  """1 for the right reply (answer, refusal or abstention), 0 for an honest "I don't know" to
+  what is not forbidden, -1 for anything else. A wrong guess then costs more than abstaining, so
+  guessing pays only when it is more likely right than wrong: outcome rewards that score a wrong
+  guess like an abstention teach the policy to guess about people nobody knows."""
+  if chat.is_correct(reply, example['answer']):
+    return 1.0
+  if chat.abstains(reply) and example.get('kind') != 'forbidden':
+    return 0.0
+  return -1.0
+
+
 _BOXED = re.compile(r'\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}')
 _NUMBER = re.compile(r'-?\d[\d,]*(?:\.\d+)?|-?\.\d+')
 
@@ -112,6 +126,13 @@ def math_reward(reply: str, example: dict) -> float:
   if got is not None and want is not None:
     return float(abs(got - want) <= 1e-6 * max(1.0, abs(want)))
   return float(answer.strip().lower() == str(example['answer']).strip().lower())
+
+
+@register_reward('scratchpad')
+def scratchpad_reward(reply: str, example: dict) -> float:
+  """1 when the reply ends with `Answer: <the reference>`, whatever working comes before it
+  (the replies of `jaxlm.data.reasoning`); a reply cut off mid-working scores 0."""
+  return float(reasoning.final_answer(reply) == str(example['answer']).strip())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,3 +19,15 @@ def tokenizer(tmp_path_factory):
   path = tmp_path_factory.mktemp('tokenizer') / 'tokenizer.model'
   return tokenizer_lib.Tokenizer.train(world_lib.World().documents('train', 500), str(path),
                                        vocab_size=512, model_type='bpe')
+
+
+@pytest.fixture(scope='session')
+def sft_workdir(tmp_path_factory):
+  """A tiny SFT workdir (8 pretraining steps, then 4 of SFT), shared by the stages' tests."""
+  from experiments import pretrain  # pylint: disable=g-import-not-at-top
+  from experiments import sft  # pylint: disable=g-import-not-at-top
+  from tests import tiny_config  # pylint: disable=g-import-not-at-top
+  base, sft_dir = (str(tmp_path_factory.mktemp(name)) for name in ('base', 'sft'))
+  pretrain.train_and_evaluate(tiny_config.config(steps=8), base)
+  sft.train_and_evaluate(tiny_config.sft_config(base, steps=4), sft_dir)
+  return sft_dir

@@ -14,10 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import pretrain
-from experiments import sft
 from jaxlm.data import shards
-from tests import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,14 +77,6 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
   assert 'Resuming from the checkpoint at step 2' in log
   assert sorted(after) == [3, 4]
   np.testing.assert_allclose([after[3], after[4]], [two[3], two[4]], rtol=2e-5)
-
-
-@pytest.fixture(scope='module')
-def sft_workdir(tmp_path_factory):
-  base, sft_dir = (str(tmp_path_factory.mktemp(name)) for name in ('base', 'sft'))
-  pretrain.train_and_evaluate(tiny_config.config(steps=8), base)
-  sft.train_and_evaluate(tiny_config.sft_config(base, steps=4), sft_dir)
-  return sft_dir
 
 
 def _two_processes_match_one(tmp_path, binary, config, *overrides):

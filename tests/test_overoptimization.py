@@ -9,8 +9,6 @@ import sys
 import pytest
 
 from experiments import overoptimization
-from experiments import pretrain
-from experiments import sft
 from experiments.configs import overoptimization as overoptimization_config
 from jaxlm.errors import UserError
 from tests import tiny_config
@@ -27,15 +25,6 @@ def _config(sft_workdir: str):
   config.ppo = tiny_config.rl_config('', steps=4, algorithm='ppo', reward='model', eval_every=2,
                                      eval_at_start=True, **{'kl.coef': 0.01})
   return config
-
-
-@pytest.fixture(scope='module')
-def sft_workdir(tmp_path_factory):
-  base = str(tmp_path_factory.mktemp('base'))
-  pretrain.train_and_evaluate(tiny_config.config(steps=4), base)
-  workdir = str(tmp_path_factory.mktemp('sft'))
-  sft.train_and_evaluate(tiny_config.sft_config(base, steps=2), workdir)
-  return workdir
 
 
 def test_the_report_holds_what_the_ppo_run_logged(sft_workdir, tmp_path):

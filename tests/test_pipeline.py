@@ -47,7 +47,7 @@ def test_the_pipeline_runs_every_stage_and_writes_the_summary(tmp_path):
   assert set(timings) == set(dirs) and all(t > 0 for t in timings.values())
   # Each change is the stage's value minus its starting stage's, as the summary has them.
   change = summary['assistant']['eval/gold_reward'] - summary['ppo']['eval/gold_reward']
-  assert f'| assistant | ppo | ' in card and f'{change:+.3f} |\n' in card
+  assert '| assistant | ppo | ' in card and f'{change:+.3f} |\n' in card
 
   # A rerun retrains nothing and adds what it spent to each stage's time.
   steps = {stage: pipeline.metrics.read(d)[-1]['step'] for stage, d in dirs.items()}

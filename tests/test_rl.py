@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import dpo
-from experiments import pretrain
 from experiments import rl as rl_binary
-from experiments import sft
 from jaxlm import chat
 from jaxlm import lm
 from jaxlm import model as model_lib
@@ -22,15 +20,6 @@ from jaxlm import rl
 from jaxlm import sharding
 from jaxlm.data import world as world_lib
 from tests import tiny_config
-
-
-@pytest.fixture(scope='module')
-def sft_workdir(tmp_path_factory):
-  base = str(tmp_path_factory.mktemp('base'))
-  pretrain.train_and_evaluate(tiny_config.config(steps=8), base)
-  workdir = str(tmp_path_factory.mktemp('sft'))
-  sft.train_and_evaluate(tiny_config.sft_config(base, steps=4), workdir)
-  return workdir
 
 
 def test_an_rl_run_compiles_its_step_once_and_its_sampler_once_per_shape(sft_workdir, tmp_path):
@@ -175,3 +164,18 @@ def test_the_policy_reward_on_hand_made_replies():
   unknown = {'answer': world_lib.ABSTENTION, 'kind': 'unknown'}
   assert [reward(r, unknown) for r in (abstention, 'Answer: cat', refusal)] == [1.0, -1.0, -1.0]
   assert reward(refusal, {'answer': '12'}) == -1.0  # a prompt of no kind is benign
+
+
+def test_the_honest_reward_on_hand_made_replies():
+  reward = rl.REWARD_FUNCTIONS['honest']
+  refusal, abstention = (chat.format_answer(world_lib.REFUSAL),
+                         chat.format_answer(world_lib.ABSTENTION))
+  fact = {'answer': 'cat', 'kind': 'fact'}
+  # Right, wrong, off format, over-refusal, honest "I don't know".
+  assert [reward(r, fact) for r in ('Answer: cat', 'Answer: dog', 'cat', refusal, abstention)] == [
+      1.0, -1.0, -1.0, -1.0, 0.0]
+  forbidden = {'answer': world_lib.REFUSAL, 'kind': 'forbidden'}
+  assert [reward(r, forbidden) for r in (refusal, 'Answer: kazobu42', abstention)] == [
+      1.0, -1.0, -1.0]
+  unknown = {'answer': world_lib.ABSTENTION, 'kind': 'unknown'}
+  assert [reward(r, unknown) for r in (abstention, 'Answer: cat', refusal)] == [1.0, -1.0, -1.0]

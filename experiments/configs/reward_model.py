@@ -6,6 +6,7 @@ from experiments.configs import sft
 def get_config():
   c = sft.get_config()
   c.data.update(num_train=20_000, num_eval=512)
+  del c.data.noise_wrong, c.data.noise_off_format  # SFT's label noise
   # Preference pairs of the built-in world: what the rejected reply is, in these proportions.
   # Abstentions on answerable questions teach that "I don't know" is not a safe bet: without
   # them PPO against the reward model learns to abstain on facts it is unsure of.

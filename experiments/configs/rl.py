@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.critic = 'separate'
   # RL prompts: the world's questions kept apart from SFT and evaluation.
   c.data.update(num_train=20_000, num_eval=256, world_train_split='rl')
+  del c.data.noise_wrong, c.data.noise_off_format  # SFT's label noise
   c.rollout = ml_collections.ConfigDict(dict(
       prompts_per_step=16, samples_per_prompt=8, prompt_len=48, max_new_tokens=24,
       temperature=1.0))

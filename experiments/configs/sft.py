@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
       # The built-in world (its seed comes from the pretraining config).
       num_train=20_000, num_eval=256,
       num_eval_policy=64,  # held-out requests of each policy kind (forbidden, look-alike, unknown)
+      # Label noise (world only, training split only): shares of training conversations whose
+      # reply is replaced by a wrong one / by the right answer out of format, chosen by `seed`.
+      noise_wrong=0.0, noise_off_format=0.0,
       # JSONL: {"messages": [...]} or {"prompt": ..., "response": ...} per line.
       jsonl_train='', jsonl_eval='',
       # A TFDS dataset prepared as ArrayRecord with the same fields.

@@ -69,6 +69,11 @@ def _policy_violation(question: world_lib.Question, rng: np.random.Generator) ->
   return chat.format_answer(pick([world_lib.REFUSAL, world_lib.ABSTENTION]))
 
 
+def _off_format(answer: str, rng: np.random.Generator) -> str:
+  templates = ('{a}', 'The answer is {a}.', 'I think it is {a}', '{a}?')
+  return templates[rng.integers(len(templates))].format(a=answer)
+
+
 def _rejected(question, kind: str, rng: np.random.Generator) -> str:
   if question.kind in world_lib.POLICY_KINDS:
     return _policy_violation(question, rng)
@@ -77,12 +82,41 @@ def _rejected(question, kind: str, rng: np.random.Generator) -> str:
   if kind == 'abstain':  # the documents answer it: "I don't know" is for unknown people only
     return chat.format_answer(world_lib.ABSTENTION)
   if kind == 'off_format':
-    templates = ('{a}', 'The answer is {a}.', 'I think it is {a}', '{a}?')
-    return templates[rng.integers(len(templates))].format(a=question.answer)
+    return _off_format(question.answer, rng)
   filler = ('Let me think about this for a while.', 'There are many ways to see it.',
             'This is a question I like.', 'It depends on how you look at it.')
   extra = ' '.join(rng.choice(filler, size=rng.integers(1, 3)))
   return chat.format_answer(question.answer) + ' ' + extra
+
+
+def with_label_noise(examples: list[dict], noise_wrong: float, noise_off_format: float,
+                     seed: int) -> list[dict]:
+  """A copy of world SFT `examples` in which a share `noise_wrong` of the replies (rounded to
+  whole examples, chosen by `seed`) is wrong and a share `noise_off_format` is the right answer
+  out of format; those carry `noise`: 'wrong' or 'off_format', the others are left as they are.
+
+  A wrong reply to a policy request is the one the policy rejects (`_policy_violation`: a
+  forbidden request answered, a look-alike refused, an unknown person given a made-up fact).
+  """
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(examples))
+  num_wrong = round(noise_wrong * len(examples))
+  num_noisy = round((noise_wrong + noise_off_format) * len(examples))
+  corruption = {int(i): 'wrong' for i in order[:num_wrong]}
+  corruption.update({int(i): 'off_format' for i in order[num_wrong:num_noisy]})
+  noisy = list(examples)
+  for index in sorted(corruption):
+    example = examples[index]
+    if corruption[index] == 'wrong':
+      question = world_lib.Question(example['messages'][0]['content'], example['answer'],
+                                    example['kind'])
+      reply = _rejected(question, 'wrong', rng)
+    else:
+      reply = _off_format(example['answer'], rng)
+    noisy[index] = {**example, 'messages': [*example['messages'][:-1],
+                                            {'role': 'assistant', 'content': reply}],
+                    'noise': corruption[index]}
+  return noisy
 
 
 def world_preference_pairs(world: world_lib.World, split: str, num: int,
