@@ -1,4 +1,4 @@
-"""The whole pipeline on the built-in world, sized for ~16 minutes on 2 CPU cores.
+"""The whole pipeline on the built-in world, sized for ~20 minutes on 2 CPU cores.
 
 Each stage is its binary's config under its own name (`--config.sft.train.steps=400`);
 `init_workdir` and `reward_workdir` are filled in by the pipeline.
@@ -36,10 +36,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.dpo.data.seq_len = 80
   c.dpo.beta = 0.3
   c.dpo.train.learning_rate = 2e-5
-  # The assistant: GRPO after PPO (RLHF), on a verifiable reward that also scores the policy,
-  # so that RL on outcomes does not teach guessing about people nobody knows.
+  # The assistant: GRPO after PPO (RLHF), on a verifiable reward that also scores the policy
+  # and costs a wrong guess more than "I don't know". Measured from this PPO model (held-out
+  # exact match, hallucination): 'honest' 0.566, 0.28; 'exact_match_and_policy' 0.555, 0.29;
+  # 'honest' at learning rate 2e-4 or KL coefficient 0.2 lost 5-10 points of exact match.
   c.assistant = rl.get_config()
-  c.assistant.reward = 'exact_match_and_policy'
+  c.assistant.reward = 'honest'
   c.assistant.train.steps = 60
   # Held-out evaluations during training draw the report's learning curves; the report then
   # evaluates every stage (and the base model) the same way at the end.
