@@ -56,12 +56,7 @@ def run_configs(config) -> dict[str, tuple[int, float, ml_collections.ConfigDict
 
 def final_record(run_workdir: str, steps: int) -> dict | None:
   """The run's metrics.jsonl record of its final evaluation; None until it has one."""
-  path = os.path.join(run_workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding='utf-8') as f:
-    records = [json.loads(line) for line in f]
-  final = [r for r in records if r['step'] == steps and 'eval/exact_match' in r]
+  final = [r for r in metrics.read(run_workdir) if r['step'] == steps and 'eval/exact_match' in r]
   return final[-1] if final else None
 
 
