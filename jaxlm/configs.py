@@ -23,6 +23,7 @@ CHOICES = {
     'data.split_by': tfds_builders.SPLIT_BY,
 }
 POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_kv_heads',
+            'model.causal_query_blocks',
             'model.head_dim', 'model.mlp_dim', 'model.max_seq_len', 'model.vocab_multiple',
             'tokenizer.vocab_size', 'data.seq_len', 'train.steps', 'train.batch_size',
             'train.grad_accum_steps', 'train.learning_rate', 'eval.batch_size',
@@ -96,7 +97,7 @@ def validate(config: ml_collections.ConfigDict, choices: dict | None = None) -> 
   lora.check(config)
   for field in POSITIVE:
     value = _get(config, field)
-    if value is not _MISSING and not value > 0:
+    if value is not _MISSING and value is not None and not value > 0:
       raise UserError(f'config.{field} must be positive, got {value!r}')
   if 'model' in config and 'num_heads' in config.model:  # not a stage's runtime choices alone
     _validate_model(config)

@@ -277,6 +277,54 @@ def test_grouped_attention_matches_float64_and_jax_reference(num_heads, num_kv_h
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+def _long_packed_inputs(num_heads, num_kv_heads, seed=1):
+  """Rows of 100 tokens (four query blocks of 32, the last of 4): packed documents that cross
+  block ends, then padding; and one document. Also the [B, L] mask of real (non-padding) tokens."""
+  rng = np.random.default_rng(seed)
+  B, L, H = 2, 100, 8
+  q, k, v = (rng.standard_normal((B, L, n, H)).astype(np.float32)
+             for n in (num_heads, num_kv_heads, num_kv_heads))
+  lengths = [(1, 30), (2, 41), (3, 20), (0, 9)]
+  segments = np.array([np.repeat([s for s, _ in lengths], [n for _, n in lengths]), [1] * L])
+  positions = np.array([np.concatenate([np.arange(n) for _, n in lengths]), np.arange(L)])
+  mask = np.asarray(model_lib.attention_mask(positions, segments, positions, segments))
+  return q, k, v, mask, segments != 0
+
+
+@pytest.mark.parametrize('num_heads,num_kv_heads', [(4, 4), (4, 2)])
+def test_causal_blocked_attention_matches_float64_and_one_block(num_heads, num_kv_heads):
+  """On real tokens. A padding query sees no key and averages the values its block holds, where
+  one block averages them all: a difference nothing reads, as no query attends to padding."""
+  q, k, v, mask, real = _long_packed_inputs(num_heads, num_kv_heads)
+  scale = 0.3
+  blocked = functools.partial(model_lib.causal_blocked_attention, mask_Bx1xLxL=mask,
+                              scale=scale, num_blocks=4)
+  one_block = functools.partial(model_lib.grouped_attention, mask_Bx1xLxS=mask, scale=scale)
+  np.testing.assert_allclose(np.asarray(blocked(q, k, v))[real],
+                             _attention_float64(q, k, v, mask, scale)[real], rtol=0, atol=1e-5)
+
+  def loss(attention, q, k, v):
+    return jnp.sum(jnp.sin(attention(q, k, v)) * real[:, :, None, None])
+  ours = jax.grad(functools.partial(loss, blocked), argnums=(0, 1, 2))(q, k, v)
+  reference = jax.grad(functools.partial(loss, one_block), argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(ours, reference):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_causal_query_blocks_leave_packed_logits_unchanged():
+  one_block = _config(causal_query_blocks=1)
+  params = _params(one_block)
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(0, VOCAB, (2, 64)), jnp.int32)
+  segments = jnp.asarray(np.repeat([[1, 2, 3], [1, 1, 1]], [20, 30, 14], axis=1), jnp.int32)
+  positions = jnp.asarray(np.stack([np.concatenate([np.arange(n) for n in (20, 30, 14)]),
+                                    np.arange(64)]), jnp.int32)
+  ref = _forward(one_block)(params, tokens, positions, segments)
+  for blocks in (2, 4):
+    out = _forward(_config(causal_query_blocks=blocks))(params, tokens, positions, segments)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=REORDER_ATOL)
+
+
 def test_grouped_attention_in_bfloat16_is_close_to_float64():
   q, k, v, mask = _attention_inputs(4, 2)
   out = model_lib.grouped_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), mask,

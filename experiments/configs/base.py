@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
       max_seq_len=256, rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=False,
       scan_layers=True, remat='none', dtype='float32', param_dtype='float32',
       attention_impl='xla',
+      causal_query_blocks=4,  # of the cache-free 'xla' attention; 1: all queries at once
       vocab_multiple=128,  # the embedding is padded to a multiple of this for even sharding
   ))
 

@@ -19,7 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (unset: as it was), e.g. --config.model.dtype=bfloat16 --config.model.remat=full.
   c.model = ml_collections.ConfigDict({
       'scan_layers': placeholder(bool), 'remat': placeholder(str), 'dtype': placeholder(str),
-      'param_dtype': placeholder(str), 'attention_impl': placeholder(str)})
+      'param_dtype': placeholder(str), 'attention_impl': placeholder(str),
+      'causal_query_blocks': placeholder(int)})
   c.log_every = 25
   c.eval_every = 100  # 0: only at the end
   c.eval_at_start = True  # evaluate the starting model first: the "before" numbers
