@@ -51,7 +51,7 @@ class ModelConfig:
   param_dtype: str = 'float32'
   attention_impl: str = 'xla'
   # The cache-free 'xla' attention splits its queries into this many blocks, each scored against
-  # the keys up to its own end: the causal half of the scores is never computed.
+  # the keys up to its own end: most of the causal upper triangle is never computed.
   causal_query_blocks: int = 4
   # Ids from here to vocab_size only pad the embedding for sharding: never predicted. 0: none.
   tokenizer_vocab_size: int = 0
