@@ -2,16 +2,20 @@
 back to the tokenized documents, per-process slices, and exactly resumable iterators."""
 
 import collections
+import itertools
 import json
 import sys
 
 import grain
+import grain.experimental as grain_experimental
 import numpy as np
 import pytest
 
 from experiments.configs import base
 from jaxlm import checkpoint
 from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.data import mixture
+from jaxlm.data import packing
 from jaxlm.data import pipeline
 from jaxlm.data import tfds_builders
 from jaxlm.data import world as world_lib
@@ -203,6 +207,59 @@ def test_each_shard_reads_its_own_documents_and_together_all(tokenizer, docs):
     assert got[-1] == collections.Counter(_key(d) for d in want)
   assert not set(got[0]) & set(got[1])
   assert got[0] + got[1] == collections.Counter(_key(d) for d in _tokenized(tokenizer, docs))
+
+
+def _grain_packed(order, seq_len, batch_size, drop_remainder):
+  """The same rows made by Grain's concat-then-split packing, an independent implementation."""
+  rows = grain_experimental.ConcatThenSplitIterDataset(
+      order.to_iter_dataset(), length_struct={'inputs': seq_len, 'targets': seq_len})
+  return rows.map(lambda row: {
+      'inputs': row['inputs'], 'targets': row['targets'],
+      'segment_ids': row['inputs_segment_ids'], 'positions': row['inputs_positions'],
+      'weights': (row['inputs_segment_ids'] != 0).astype(np.float32)}).batch(
+          batch_size, drop_remainder=drop_remainder)
+
+
+@pytest.mark.parametrize('seq_len, batch_size, repeat', [
+    (SEQ_LEN, BATCH, False), (SEQ_LEN, BATCH, True), (7, 3, False), (128, 8, True), (300, 2, False)])
+def test_packed_batches_equal_grains_concat_then_split(tokenizer, docs, seq_len, batch_size,
+                                                       repeat):
+  """Rows shorter than most documents, longer than any, and a finite source's short last batch:
+  30 batches each, the same as Grain's packing of the same document order."""
+  source = grain.MapDataset.source(docs)
+  order = mixture.document_order(
+      source.map(lambda doc: pipeline.tokenize_document(tokenizer, doc)), seed=0,
+      shuffle=repeat, repeat=repeat, shard_index=0, num_shards=1)
+  want = list(itertools.islice(_grain_packed(order, seq_len, batch_size, repeat), 30))
+  got = list(itertools.islice(pipeline.packed_batches(
+      source, tokenizer, seq_len, batch_size, seed=0, shuffle=repeat, repeat=repeat), 30))
+  _assert_same_batches(got, want)
+
+
+def test_repeated_epochs_tokenize_each_document_once(docs):
+  reads = collections.Counter()
+  def tokenized(index):
+    reads[index] += 1
+    return {'inputs': np.full(5 + index % 7, index, np.int32)}
+  indices = grain.MapDataset.range(len(docs))
+  memoized = packing.Memoized(indices.map(tokenized)).shuffle(seed=0).repeat(3)
+  assert [memoized[i]['inputs'][0] for i in range(len(memoized))] == [
+      indices.shuffle(seed=0).repeat(3)[i] for i in range(3 * len(docs))]
+  assert set(reads.values()) == {1} and len(reads) == len(docs)
+  # Past its budget it keeps what it has and reads the rest afresh.
+  reads.clear()
+  small = packing.Memoized(indices.map(tokenized), max_bytes=10 * 4 * 5)
+  for _ in range(2):
+    for i in range(len(docs)):
+      assert small[i]['inputs'][0] == i
+  assert 0 < sum(count == 1 for count in reads.values()) < len(docs)
+  assert sum(reads.values()) < 2 * len(docs)
+
+
+def test_an_iterator_state_of_another_format_is_refused(tokenizer, docs):
+  it = iter(_batches(tokenizer, docs, seed=0))
+  with pytest.raises(UserError, match='older jaxlm data pipeline'):
+    it.set_state({'parent': {'next_index': 3}, 'buffer': []})
 
 
 def _batches(tokenizer, docs, seed):

@@ -94,6 +94,14 @@ def sources(data_config, data_dir: str, single_source_documents):
   return Mixture(components), grain.MapDataset.concatenate(validations)
 
 
+def map_sources(documents, transform):
+  """`transform` applied to the documents, or to each source of a mixture."""
+  if not isinstance(documents, Mixture):
+    return transform(documents)
+  return Mixture([dataclasses.replace(c, documents=transform(c.documents))
+                  for c in documents.components])
+
+
 def document_order(documents, seed: int, shuffle: bool, repeat: bool, shard_index: int,
                    num_shards: int) -> grain.MapDataset:
   """The documents of shard `shard_index` in the order training reads them; a mixture's come as

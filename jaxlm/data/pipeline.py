@@ -7,14 +7,12 @@ document; the iterator's position is a small JSON-able dict that checkpoints sto
 exactly.
 """
 
-import os
-
 import grain
-import grain.experimental as grain_experimental
 import numpy as np
 
 from jaxlm.data import files
 from jaxlm.data import mixture
+from jaxlm.data import packing
 from jaxlm.data import tfds_builders
 from jaxlm.data import tokenized
 from jaxlm.errors import UserError
@@ -101,34 +99,16 @@ def _with_source(index: int, document: dict[str, np.ndarray]) -> dict[str, np.nd
   return {**document, 'sources': np.full_like(document['inputs'], index)}
 
 
-def _finish_row(row):
-  finished = {
-      'inputs': row['inputs'].astype(np.int32),
-      'targets': row['targets'].astype(np.int32),
-      'segment_ids': row['inputs_segment_ids'].astype(np.int32),
-      'positions': row['inputs_positions'].astype(np.int32),
-      'weights': (row['inputs_segment_ids'] != 0).astype(np.float32),
-  }
-  if 'sources' in row:
-    finished['source_ids'] = row['sources'].astype(np.int32)
-  return finished
-
-
 def packed_batches(documents: grain.MapDataset | mixture.Mixture, tokenizer, seq_len: int,
                    batch_size: int, seed: int, shuffle: bool = True, repeat: bool = True,
-                   shard_index: int = 0, num_shards: int = 1) -> grain.IterDataset:
+                   shard_index: int = 0, num_shards: int = 1) -> packing.PackedBatches:
   """Batches of packed rows from shard `shard_index` of the documents (strings, or already
   tokenized by `token_sources`); a mixture's rows also carry `source_ids`."""
-  is_mixture = isinstance(documents, mixture.Mixture)
-  ds = mixture.document_order(documents, seed, shuffle, repeat, shard_index, num_shards)
   tokens = lambda doc: doc if isinstance(doc, dict) else tokenize_document(tokenizer, doc)
-  if is_mixture:  # each token carries the index of its source
-    ds = ds.map(lambda pair: _with_source(pair[0], tokens(pair[1])))
-  else:
-    ds = ds.map(tokens)
-  ds = ds.to_iter_dataset(
-      grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=64))
-  fields = ('inputs', 'targets', 'sources') if is_mixture else ('inputs', 'targets')
-  ds = grain_experimental.ConcatThenSplitIterDataset(
-      ds, length_struct={field: seq_len for field in fields})
-  return ds.map(_finish_row).batch(batch_size, drop_remainder=repeat)
+  # Repeated epochs read each document again: tokenize it once.
+  memoized = lambda docs: packing.Memoized(docs.map(tokens)) if repeat else docs.map(tokens)
+  order = mixture.document_order(mixture.map_sources(documents, memoized), seed, shuffle, repeat,
+                                 shard_index, num_shards)
+  if isinstance(documents, mixture.Mixture):  # each token carries the index of its source
+    order = order.map(lambda pair: _with_source(*pair))
+  return packing.PackedBatches(order, seq_len, batch_size)

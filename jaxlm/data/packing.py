@@ -1,0 +1,136 @@
+"""Packing: tokenized documents, concatenated in order and cut into fixed-length rows.
+
+A batch is `batch_size` rows of `seq_len` tokens, each row made whole with numpy: segment ids
+count the (pieces of) documents in a row from 1, positions restart at 0 at each piece, 0 pads
+the end of the last row of a finite source. The iterator's position is two integers (the first
+document not yet emitted whole, and how many of its tokens were), so saving and resuming it is
+exact and cheap.
+"""
+
+import grain
+import numpy as np
+
+from jaxlm.errors import UserError
+
+# Tokenized documents kept in memory per iterator: a small corpus is tokenized once, not once per
+# epoch; a large one is read afresh beyond this.
+CACHE_BYTES = 256 << 20
+
+
+class Memoized(grain.MapDataset):
+  """A MapDataset that keeps the elements (dicts of arrays) it has read, up to `max_bytes`."""
+
+  def __init__(self, parent: grain.MapDataset, max_bytes: int = CACHE_BYTES):
+    super().__init__(parent)
+    self._max_bytes = max_bytes
+    self._bytes = 0
+    self._cache = {}
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __str__(self) -> str:
+    return 'Memoized'
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    index %= len(self)  # as Grain's sources do: an epoch's indices continue past the length
+    element = self._cache.get(index)
+    if element is None:
+      element = self._parent[index]
+      size = sum(array.nbytes for array in element.values())
+      if self._bytes + size <= self._max_bytes:
+        self._cache[index] = element
+        self._bytes += size
+    return element
+
+
+class PackedBatches:
+  """Batches of packed rows from a random-access sequence of documents, each a dict of equal-
+  length int arrays (`inputs`, `targets`, and for a mixture `sources`). A finite sequence ends
+  with a short batch whose last row is padded."""
+
+  def __init__(self, documents: grain.MapDataset, seq_len: int, batch_size: int):
+    self.documents = documents
+    self.seq_len = seq_len
+    self.batch_size = batch_size
+
+  def __iter__(self) -> 'PackedIterator':
+    return PackedIterator(self)
+
+
+class PackedIterator:
+
+  def __init__(self, packed: PackedBatches):
+    self._documents = packed.documents
+    self._seq_len = packed.seq_len
+    self._batch_size = packed.batch_size
+    self._num_documents = len(packed.documents)
+    self._next_document = 0  # the first document not yet emitted whole
+    self._offset = 0  # how many of its tokens were
+    self._read = []  # documents from `_next_document` on, already read
+
+  def __iter__(self):
+    return self
+
+  def get_state(self) -> dict:
+    return {'next_document': self._next_document, 'offset': self._offset}
+
+  def set_state(self, state: dict) -> None:
+    if set(state) != {'next_document', 'offset'}:
+      raise UserError('the checkpoint\'s data position was saved by an older jaxlm data '
+                      'pipeline and cannot be resumed; set config.checkpoint.start_over=True to '
+                      'train from scratch in this workdir, or use a new workdir')
+    self._next_document, self._offset = int(state['next_document']), int(state['offset'])
+    self._read = []
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    wanted = self._batch_size * self._seq_len
+    available = -self._offset
+    for document in self._read:
+      available += len(document['inputs'])
+    while available < wanted and self._next_document + len(self._read) < self._num_documents:
+      self._read.append(self._documents[self._next_document + len(self._read)])
+      available += len(self._read[-1]['inputs'])
+    if available <= 0:
+      raise StopIteration
+    pieces, used, start = [], 0, self._offset
+    for document in self._read:
+      take = min(len(document['inputs']) - start, wanted - used)
+      pieces.append({k: v[start:start + take] for k, v in document.items()})
+      used, end = used + take, start + take
+      if used == wanted:
+        break
+      start = 0
+    unfinished = end < len(self._read[len(pieces) - 1]['inputs'])
+    self._next_document += len(pieces) - unfinished
+    self._read = self._read[len(pieces) - unfinished:]
+    self._offset = end if unfinished else 0
+    return pack(pieces, self._seq_len)
+
+
+def pack(pieces: list[dict[str, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
+  """Rows of the pieces concatenated in order and cut every `seq_len` tokens."""
+  lengths = [len(piece['inputs']) for piece in pieces]
+  rows = -(-sum(lengths) // seq_len)
+  padding = rows * seq_len - sum(lengths)
+  flat = lambda key: np.pad(np.concatenate([p[key] for p in pieces]), (0, padding)).astype(
+      np.int32).reshape(rows, seq_len)
+  piece_BxL = np.pad(np.repeat(np.arange(len(pieces)), lengths), (0, padding),
+                     constant_values=-1).reshape(rows, seq_len)
+  real_BxL = piece_BxL >= 0
+  starts_BxL = np.ones_like(real_BxL)
+  starts_BxL[:, 1:] = piece_BxL[:, 1:] != piece_BxL[:, :-1]
+  index_L = np.arange(seq_len)
+  start_index_BxL = np.maximum.accumulate(np.where(starts_BxL, index_L, 0), axis=1)
+  batch = {
+      'inputs': flat('inputs'),
+      'targets': flat('targets'),
+      'segment_ids': (np.cumsum(starts_BxL, axis=1) * real_BxL).astype(np.int32),
+      'positions': ((index_L - start_index_BxL) * real_BxL).astype(np.int32),
+      'weights': real_BxL.astype(np.float32),
+  }
+  if 'sources' in pieces[0]:
+    batch['source_ids'] = flat('sources')
+  return batch
