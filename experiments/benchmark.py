@@ -17,6 +17,10 @@ up to 48 tokens, 24 new tokens each; generated tokens/s.
 `--compare=model.scan_layers=false` (repeatable) times a second config, the first with those
 overrides, alternately with the first in one process (`--rounds` times), so that a change is
 measured against its base on the same machine at the same time: medians and the speed-up.
+
+`--data_workdir=runs/pipeline/base` times what the data path costs the training loop: the step
+fed by that pretraining workdir's own data pipeline, alternately with the same step on one fixed
+batch (`loop_rate_over_step_rate`).
 """
 
 import json
@@ -184,6 +188,50 @@ def benchmark_generation(config, rows: int, prompt_len: int, max_new_tokens: int
           'generate_seconds': times, 'generated_tokens_per_sec': rows * max_new_tokens / best}
 
 
+def benchmark_data_path(workdir: str, steps: int, rounds: int) -> dict:
+  """The train step of a pretraining workdir's config fed as its training loop feeds it (the
+  next batch read, tokenized, packed and placed while the step runs), alternated `rounds` times
+  with the same step on one fixed batch: the loop's rate over the step's. The pipeline's first
+  epoch reads the storage; later ones the documents it kept tokenized."""
+  config = configs.load(workdir)
+  train_documents, _ = pipeline.pretraining_sources(config.data, workdir)
+  tokenizer = lm.tokenizer_for(config, workdir, train_documents)
+  model = model_lib.Transformer(lm.model_config(config, tokenizer))
+  mesh = sharding.make_mesh(config.mesh)
+  optimizer = trainer.make_optimizer(config.train)
+  rows = sharding.batch_size_per_process(config.train.batch_size, mesh)
+  batches = iter(pipeline.packed_batches(train_documents, tokenizer, config.data.seq_len, rows,
+                                         seed=config.seed))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    _, shardings, init_state = trainer.abstract_state(
+        lm.init_params_fn(model, config.data.seq_len), optimizer, mesh, jax.random.PRNGKey(0))
+    state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(0))
+    step_fn = jax.jit(trainer.make_train_step(
+        trainer.language_model_loss(model, config.train.z_loss), optimizer, 1),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+    fixed = sharding.put_batch(next(batches), mesh)
+    state, out = step_fn(state, fixed)
+    jax.block_until_ready(out)
+
+    def seconds_per_step(next_batch):
+      nonlocal state
+      start = time.perf_counter()
+      for _ in range(steps):
+        state, out = step_fn(state, next_batch())
+      jax.block_until_ready(out)
+      return (time.perf_counter() - start) / steps
+
+    fixed_seconds, loop_seconds = [], []
+    for _ in range(rounds):
+      fixed_seconds.append(seconds_per_step(lambda: fixed))
+      loop_seconds.append(seconds_per_step(lambda: sharding.put_batch(next(batches), mesh)))
+  return {'workdir': workdir, 'batch_size': config.train.batch_size,
+          'seq_len': config.data.seq_len, 'fixed_batch_step_seconds': fixed_seconds,
+          'loop_step_seconds': loop_seconds,
+          'documents_read': batches.get_state()['next_document'],
+          'loop_rate_over_step_rate': float(np.median(fixed_seconds) / np.median(loop_seconds))}
+
+
 def compare(configs_by_name: dict, steps: int, vocab_size: int | None, rounds: int) -> dict:
   """Each config's benchmark, alternated `rounds` times in this process so that both see the
   same machine; medians per config and the speed-up of the last over the first."""
@@ -217,6 +265,8 @@ def main(argv):
     rows, prompt_len, max_new_tokens = (int(v) for v in _GENERATE.value)
     result = benchmark_generation(config, rows, prompt_len, max_new_tokens,
                                   _VOCAB.value or config.tokenizer.vocab_size, _ROUNDS.value)
+  elif _DATA_WORKDIR.value:
+    result = benchmark_data_path(_DATA_WORKDIR.value, _STEPS.value, _ROUNDS.value)
   elif _COMPARE.value:
     if _MEMORY_ONLY.value:
       raise UserError('--compare times steps; it cannot be combined with --memory_only')
@@ -243,8 +293,11 @@ if __name__ == '__main__':
   _COMPARE = flags.DEFINE_multi_string(
       'compare', [], 'An override (dotted.key=value, repeatable) of a second config, timed '
       'alternately with --config in this process; prints both and the speed-up.')
-  _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternations of --compare; timed calls of '
-                                 '--generate.', lower_bound=1)
+  _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternations of --compare and --data_workdir; '
+                                 'timed calls of --generate.', lower_bound=1)
+  _DATA_WORKDIR = flags.DEFINE_string(
+      'data_workdir', '', 'A pretraining workdir: time its step fed by its data pipeline, '
+      'alternately with the step on one fixed batch (--steps each, --rounds times).')
   _GENERATE = flags.DEFINE_list(
       'generate', [], 'ROWS,PROMPT_LEN,MAX_NEW_TOKENS: time the KV-cache sampler instead of '
       'the train step (RL rollouts of the pipeline: 128,48,24); --rounds calls.')

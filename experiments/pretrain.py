@@ -42,10 +42,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
   if config.data.source == 'tokens':
     # The tokenizer that made the tokens; the saved config names it for the later stages.
     config.tokenizer.path = tokenized.tokenizer_path(config.data.token_dir)
-    train_docs, validation_docs = pipeline.token_sources(config.data)
-  else:
-    train_docs, validation_docs = pipeline.text_sources(
-        config.data, config.data.data_dir or os.path.join(workdir, 'tfds'))
+  train_docs, validation_docs = pipeline.pretraining_sources(config.data, workdir)
   configs.save(config, workdir)
   tokenizer = tokenizer or lm.tokenizer_for(config, workdir, train_docs)
   base_model = model_lib.Transformer(lm.model_config(config, tokenizer))

@@ -1,11 +1,14 @@
-"""experiments.benchmark: the --compare mode and the overrides it reads."""
+"""experiments.benchmark: the --compare and --data_workdir modes and the overrides they read."""
 
 import numpy as np
 import pytest
 
 from experiments import benchmark
 from jaxlm import configs
+from jaxlm.data import mixture
+from jaxlm.data import pipeline
 from jaxlm.errors import UserError
+from tests import saved_models
 from tests import tiny_config
 
 
@@ -51,3 +54,21 @@ def test_the_generation_benchmark_counts_every_row_s_new_tokens():
   assert len(result['generate_seconds']) == 2
   assert result['generated_tokens_per_sec'] == pytest.approx(
       4 * 5 / min(result['generate_seconds']))
+
+
+def test_the_data_path_benchmark_feeds_the_step_from_the_workdir_s_own_data(tmp_path, tokenizer):
+  workdir = saved_models.random_workdir(str(tmp_path), tokenizer)
+  result = benchmark.benchmark_data_path(workdir, steps=3, rounds=2)
+  assert len(result['fixed_batch_step_seconds']) == len(result['loop_step_seconds']) == 2
+  assert result['loop_rate_over_step_rate'] == pytest.approx(
+      np.median(result['fixed_batch_step_seconds']) / np.median(result['loop_step_seconds']))
+  # 7 batches of the workdir's config, from its world in its shuffled order: the documents
+  # that fill them.
+  config = configs.load(workdir)
+  train, _ = pipeline.pretraining_sources(config.data, workdir)
+  shuffled = mixture.document_order(train, config.seed, shuffle=True, repeat=True, shard_index=0,
+                                    num_shards=1)
+  order = [shuffled[i] for i in range(len(train))]
+  tokens = np.cumsum([len(tokenizer.encode(text)) + 1 for text in order])
+  wanted = 7 * config.train.batch_size * config.data.seq_len
+  assert result['documents_read'] == np.searchsorted(tokens, wanted, side='right'), tokens[:20]

@@ -7,6 +7,8 @@ document; the iterator's position is a small JSON-able dict that checkpoints sto
 exactly.
 """
 
+import os
+
 import grain
 import numpy as np
 
@@ -43,6 +45,14 @@ def text_sources(data_config, data_dir: str):
     raise UserError(f'config.data.source must be one of {SOURCES}, got {data_config.source!r}')
   return (grain.MapDataset.source(train).map(_document_text),
           grain.MapDataset.source(validation).map(_document_text))
+
+
+def pretraining_sources(data_config, workdir: str):
+  """(train, validation) documents of a pretraining config: token ids for source 'tokens',
+  strings otherwise, prepared under `data_config.data_dir` (by default `<workdir>/tfds`)."""
+  if data_config.source == 'tokens':
+    return token_sources(data_config)
+  return text_sources(data_config, data_config.data_dir or os.path.join(workdir, 'tfds'))
 
 
 def _catalog_sources(data_config):
