@@ -1,0 +1,6 @@
+"""The absl binaries. Before any of them imports jax, every thread is put on one malloc arena, so
+that the trainer can keep the memory XLA:CPU frees (see `jaxlm.host_memory`)."""
+
+from jaxlm import host_memory
+
+host_memory.share_one_arena()

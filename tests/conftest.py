@@ -7,6 +7,10 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+from jaxlm import host_memory  # pylint: disable=wrong-import-position
+
+host_memory.share_one_arena()  # as the binaries do, before jax is imported
+
 import pytest  # pylint: disable=wrong-import-position
 
 from jaxlm import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
