@@ -80,8 +80,8 @@ class PackedIterator:
   def set_state(self, state: dict) -> None:
     if set(state) != {'next_document', 'offset'}:
       raise UserError('the checkpoint\'s data position was saved by an older jaxlm data '
-                      'pipeline and cannot be resumed; set config.checkpoint.start_over=True to '
-                      'train from scratch in this workdir, or use a new workdir')
+                      'pipeline and cannot be resumed; to train from scratch, use a new workdir '
+                      'or move this workdir\'s checkpoints directory aside')
     self._next_document, self._offset = int(state['next_document']), int(state['offset'])
     self._read = []
 

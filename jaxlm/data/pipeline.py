@@ -1,4 +1,5 @@
-"""Grain pipeline: documents -> tokens -> packed fixed-length rows.
+"""The pretraining data pipeline: Grain sources of documents -> tokens -> packed fixed-length
+rows (`jaxlm.data.packing`).
 
 A row is a dict of int32 [batch, seq_len] arrays: `inputs`, `targets`, `segment_ids` (1, 2, ...
 per document; 0 is padding), `positions` (restarting at 0 per document) and float32 `weights`
