@@ -11,7 +11,6 @@ Stages live in `<workdir>/<stage>`; rerunning resumes (finished stages are not r
 
 import json
 import os
-import time
 
 import flax.linen as nn
 import jax
@@ -46,7 +45,6 @@ METRICS = ('eval/loss', 'eval/format_rate', 'eval/exact_match', 'eval/pairwise_a
 # (stage, its binary, the stage it starts from), in training order.
 STAGES = (('sft', sft, 'base'), ('reward_model', reward_model, 'sft'), ('grpo', rl_binary, 'sft'),
           ('ppo', rl_binary, 'sft'), ('assistant', rl_binary, 'ppo'), ('dpo', dpo, 'sft'))
-TIMINGS = 'timings.json'
 
 
 def run_stages(config, workdir: str) -> dict[str, str]:
@@ -54,15 +52,11 @@ def run_stages(config, workdir: str) -> dict[str, str]:
   the runs that resumed it) goes to `<workdir>/timings.json`."""
   dirs = {'base': os.path.join(workdir, 'base'),
           **{stage: os.path.join(workdir, stage) for stage, _, _ in STAGES}}
-  timings = read_timings(workdir)
+  times = metrics.StageTimes(workdir)
 
   def timed(stage, train):
-    start = time.perf_counter()
-    with locking.hold(dirs[stage]):
+    with times.timing(stage), locking.hold(dirs[stage]):
       train()
-    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-    with open(os.path.join(workdir, TIMINGS), 'w', encoding='utf-8') as f:
-      json.dump(timings, f, indent=2)
 
   metrics.log('== pretraining ==')
   timed('base', lambda: pretrain.train_and_evaluate(config.pretrain, dirs['base']))
@@ -75,14 +69,6 @@ def run_stages(config, workdir: str) -> dict[str, str]:
         stage_config.reward_workdir = dirs['reward_model']
     timed(stage, lambda: binary.train_and_evaluate(stage_config, dirs[stage]))
   return dirs
-
-
-def read_timings(workdir: str) -> dict[str, float]:
-  path = os.path.join(workdir, TIMINGS)
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
 
 
 def validate(config, workdir: str) -> None:
@@ -202,7 +188,7 @@ def report_card(summary, dirs: dict[str, str], workdir: str) -> str:
   """`report.md`: the table, what each stage changed against the stage it started from, the
   learning curves (`curves.png`) and each stage's wall time."""
   plot_curves(dirs, os.path.join(workdir, 'curves.png'))
-  timings = read_timings(workdir)
+  timings = metrics.StageTimes(workdir).seconds
   lines = ['# Pipeline report', '',
            'Every policy on the same held-out questions, policy requests and preference pairs.',
            '', format_table(summary), '',

@@ -1,7 +1,8 @@
 r"""Multi-step arithmetic on a scratchpad: pretraining on single-step facts and worked 2-digit
 sums and chains -> SFT on a few worked examples (3-digit sums among them) -> GRPO on problems of
 the RL split, ending with a table of held-out accuracy (greedy) before and after RL, a few
-replies of each, and each stage's wall time (also in `summary.json`).
+replies to the same problems after each stage, and each stage's wall time summed over the
+launches that resumed it (also in `summary.json`).
 
   python -m experiments.reasoning --workdir=runs/reasoning
 
@@ -11,7 +12,6 @@ ordinary binaries; stages live in `<workdir>/<stage>`, and rerunning resumes.
 
 import json
 import os
-import time
 
 import flax.linen as nn
 import jax
@@ -89,29 +89,38 @@ def stage_configs(config, workdir: str, paths: dict[str, str]) -> dict:
 
 def evaluate(config, workdir: str, prompts: list[dict]) -> dict:
   """Greedy replies of each evaluated stage to the held-out prompts: accuracy per kind and over
-  all, the share of replies that end with an answer, and the replies themselves."""
+  all, the share of replies that end with an answer, and a few replies of each kind, to the same
+  problems at every stage (first those whose verdict RL changed)."""
   r = config.report
   _, tokenizer, model = lm.load_workdir(os.path.join(workdir, 'sft'))
   mesh = sharding.make_mesh(config.sft.mesh)
-  results = {}
+  replies, correct = {}, {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     for stage in EVALUATED_STAGES:
       params = lm.load_params(os.path.join(workdir, stage), model, mesh)
-      replies = lm.replies(model, params, tokenizer, [p['messages'] for p in prompts],
-                           jax.random.PRNGKey(0), max_new_tokens=r.max_new_tokens,
-                           temperature=0.0, top_k=0, top_p=1.0, batch_size=r.batch_size)
-      correct = [reasoning.final_answer(reply) == p['answer']
-                 for reply, p in zip(replies, prompts)]
-      stage_results = {'format_rate': sum(reasoning.final_answer(reply) is not None
-                                          for reply in replies) / len(replies),
-                       'accuracy': sum(correct) / len(correct), 'replies': {}}
-      for kind in reasoning.KINDS:
-        rows = [i for i, p in enumerate(prompts) if p['kind'] == kind]
-        stage_results[f'accuracy/{kind}'] = sum(correct[i] for i in rows) / len(rows)
-        stage_results['replies'][kind] = [
-            (prompts[i]['messages'][0]['content'], replies[i], correct[i])
-            for i in rows[:r.num_replies]]
-      results[stage] = stage_results
+      replies[stage] = lm.replies(model, params, tokenizer, [p['messages'] for p in prompts],
+                                  jax.random.PRNGKey(0), max_new_tokens=r.max_new_tokens,
+                                  temperature=0.0, top_k=0, top_p=1.0, batch_size=r.batch_size)
+      correct[stage] = [reasoning.final_answer(reply) == p['answer']
+                        for reply, p in zip(replies[stage], prompts)]
+  first, last = EVALUATED_STAGES[0], EVALUATED_STAGES[-1]
+  shown = {}
+  for kind in reasoning.KINDS:
+    rows = [i for i, p in enumerate(prompts) if p['kind'] == kind]
+    changed = [i for i in rows if correct[first][i] != correct[last][i]]
+    shown[kind] = (changed + [i for i in rows if i not in changed])[:r.num_replies]
+  results = {}
+  for stage in EVALUATED_STAGES:
+    results[stage] = {
+        'format_rate': sum(reasoning.final_answer(reply) is not None
+                           for reply in replies[stage]) / len(prompts),
+        'accuracy': sum(correct[stage]) / len(prompts), 'replies': {}}
+    for kind in reasoning.KINDS:
+      rows = [i for i, p in enumerate(prompts) if p['kind'] == kind]
+      results[stage][f'accuracy/{kind}'] = sum(correct[stage][i] for i in rows) / len(rows)
+      results[stage]['replies'][kind] = [
+          (prompts[i]['messages'][0]['content'], replies[stage][i], correct[stage][i])
+          for i in shown[kind]]
   return results
 
 
@@ -132,8 +141,8 @@ def format_report(results: dict, seconds: dict[str, float], num_per_kind: int) -
 
 
 def run(config, workdir: str) -> tuple[dict, dict[str, float]]:
-  """Writes the data, trains every stage in order and evaluates them: (results, seconds)."""
-  start = time.perf_counter()
+  """Writes the data, trains every stage in order and evaluates them: (results, seconds), each
+  stage's seconds summed over the launches that resumed it."""
   paths = write_data(config.data, os.path.join(workdir, 'data'))
   stages = stage_configs(config, workdir, paths)
   for stage, (stage_config, _, binary) in stages.items():  # a bad value fails in seconds
@@ -141,19 +150,16 @@ def run(config, workdir: str) -> tuple[dict, dict[str, float]]:
       binary.validate(stage_config.copy_and_resolve_references())
     except UserError as e:
       raise UserError(f'config.{stage}: {e}') from e
-  seconds = {}
+  times = metrics.StageTimes(workdir)
   for stage, (stage_config, stage_dir, binary) in stages.items():
     metrics.log(f'== {stage} ==')
-    began = time.perf_counter()
-    with locking.hold(stage_dir):
+    with times.timing(stage), locking.hold(stage_dir):
       binary.train_and_evaluate(stage_config, stage_dir)
-    seconds[stage] = time.perf_counter() - began
-  began = time.perf_counter()
-  with open(paths['heldout'], encoding='utf-8') as f:
-    prompts = [json.loads(line) for line in f]
-  results = evaluate(config, workdir, prompts)
-  seconds['evaluation'] = time.perf_counter() - began
-  seconds['total'] = time.perf_counter() - start
+  with times.timing('evaluation'):
+    with open(paths['heldout'], encoding='utf-8') as f:
+      prompts = [json.loads(line) for line in f]
+    results = evaluate(config, workdir, prompts)
+  seconds = {**times.seconds, 'total': sum(times.seconds.values())}
   with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
     json.dump({'results': results, 'seconds': seconds}, f, indent=2)
   return results, seconds

@@ -4,6 +4,7 @@
 runs can be read by scripts. Only process 0 writes.
 """
 
+import contextlib
 import json
 import logging as std_logging
 import os
@@ -41,6 +42,30 @@ def read(workdir: str) -> list[dict]:
     return []
   with open(path, encoding='utf-8') as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+class StageTimes:
+  """Each stage's wall seconds in a run of several stages (the pipeline's, the reasoning
+  experiment's), summed over the launches that resumed it and kept in `<workdir>/timings.json`,
+  so a rerun of a finished run still reports what training took."""
+
+  FILE = 'timings.json'
+
+  def __init__(self, workdir: str):
+    self._path = os.path.join(workdir, self.FILE)
+    self.seconds = {}
+    if os.path.exists(self._path):
+      with open(self._path, encoding='utf-8') as f:
+        self.seconds = json.load(f)
+
+  @contextlib.contextmanager
+  def timing(self, stage: str):
+    start = time.perf_counter()
+    yield
+    self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+    if jax.process_index() == 0:
+      with open(self._path, 'w', encoding='utf-8') as f:
+        json.dump(self.seconds, f, indent=2)
 
 
 class MetricsWriter:

@@ -53,6 +53,6 @@ def test_the_pipeline_runs_every_stage_and_writes_the_summary(tmp_path):
   steps = {stage: pipeline.metrics.read(d)[-1]['step'] for stage, d in dirs.items()}
   pipeline.run_stages(config, str(tmp_path))
   assert {stage: pipeline.metrics.read(d)[-1]['step'] for stage, d in dirs.items()} == steps
-  rerun = pipeline.read_timings(str(tmp_path))
+  rerun = pipeline.metrics.StageTimes(str(tmp_path)).seconds
   assert all(rerun[stage] > timings[stage] for stage in dirs)
 

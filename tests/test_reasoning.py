@@ -91,6 +91,9 @@ def test_the_config_runs_end_to_end(tmp_path):
   for r in results.values():
     assert all(0.0 <= r[f'accuracy/{k}'] <= 1.0 for k in reasoning.KINDS)
     assert len(r['replies']['sum3']) == 1
+  shown = [[question for kind in reasoning.KINDS for question, _, _ in r['replies'][kind]]
+           for r in results.values()]
+  assert all(questions == shown[0] for questions in shown)
   assert set(seconds) == {'pretrain', 'sft', 'grpo', 'evaluation', 'total'}
   report = reasoning_binary.format_report(results, seconds, 2)
   assert '| sft |' in report and '| grpo |' in report and 'Wall time' in report

@@ -1,4 +1,4 @@
-"""Reward-model over-optimisation on the built-in world, sized for ~15 minutes on 2 CPU cores.
+"""Reward-model over-optimisation on the built-in world, sized for ~17 minutes on 2 CPU cores.
 
 For each length in `reward_model_steps` a reward model is trained from `init_workdir` (an SFT
 workdir), then PPO optimises the SFT policy against it. `reward_model` and `ppo` are those
@@ -16,9 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.init_workdir = 'runs/pipeline/sft'  # the policy, and PPO's reference for the KL
   # One reward model per length: fewer steps see fewer preference pairs and leave a proxy that
-  # is easier to exploit (25 steps: 72% held-out accuracy, a made-up answer preferred to "I don't
-  # know" on every unknown person; 100 steps: 84%). '(25, 100, 400)' adds a third, reusing these.
-  c.reward_model_steps = (25, 100)
+  # is easier to exploit (held-out accuracy 78% after 25 steps, 82% after 100 and after 400).
+  c.reward_model_steps = (25, 100, 400)
   c.reward_model = reward_model.get_config()
   c.reward_model.data.seq_len = 80  # as in the pipeline: the longest world pair is under 80
   # The head alone: the reply-likelihood term ties the reward to the SFT model's own greedy
@@ -29,10 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.ppo = rl.get_config()
   c.ppo.update(algorithm='ppo', reward='model')
   # A loose leash and a brisk learning rate, so that the policy travels far enough from SFT for
-  # the reward model's errors to pay (the pipeline's PPO: coef 0.2, 5e-5, 60 steps, KL 0.14).
+  # the reward model's errors to pay (the pipeline's PPO: coef 0.2, 5e-5, 60 steps, KL 0.18).
   c.ppo.kl.coef = 0.01
   c.ppo.train.update(steps=40, learning_rate=1e-4)
-  c.ppo.eval_every = 5  # and at step 0: each evaluation (448 prompts) takes seconds
+  c.ppo.eval_every = 2  # and at step 0: each evaluation (448 prompts) takes seconds
   c.ppo.eval_at_start = True
   c.ppo.eval.num_samples = 2
   c.ppo.log_every = 5

@@ -55,6 +55,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.report = ml_collections.ConfigDict(dict(
       batch_size=128, max_new_tokens=_MAX_NEW_TOKENS,
-      num_replies=2,  # shown per kind and stage
+      num_replies=2,  # shown per kind, the same problems for every stage
   ))
   return c
