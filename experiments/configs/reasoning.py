@@ -38,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft = sft.get_config()
   c.sft.data.source = 'jsonl'
   # Few steps: a policy fitted longer samples nearly its greedy reply (0.02 nats a token after
-  # 100 steps), so GRPO's groups rarely disagree (it then added 4 points, after 40 steps 12).
+  # 100 steps), so GRPO's groups rarely disagree (it then added 4 points, after 40 steps 8, in one
+  # paired comparison).
   c.sft.train.update(steps=40, batch_size=16)
   # experiments.reasoning evaluates every stage on the same prompts; the stages log their loss.
   c.sft.eval.num_prompts = 0
