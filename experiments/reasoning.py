@@ -24,6 +24,7 @@ from jaxlm import cli
 from jaxlm import lm
 from jaxlm import locking
 from jaxlm import metrics
+from jaxlm import perf
 from jaxlm import sharding
 from jaxlm.data import reasoning
 from jaxlm.errors import UserError
@@ -169,6 +170,7 @@ def main(argv):
   del argv
   metrics.configure_logging()
   workdir, config = _WORKDIR.value, cli.config_value(_CONFIG)
+  perf.cache_compilations(workdir)
   with locking.hold(workdir):
     results, seconds = run(config, workdir)
   print(format_report(results, seconds, config.data.num_eval_per_kind))

@@ -19,6 +19,7 @@ from jaxlm import distributed
 from jaxlm import errors
 from jaxlm import locking
 from jaxlm import metrics
+from jaxlm import perf
 
 USER_ERROR_EXIT = 2
 
@@ -169,6 +170,7 @@ def run(train_and_evaluate, default_config: str) -> None:
     del argv
     initialize_distributed()
     metrics.configure_logging()
+    perf.cache_compilations(workdir.value)
     with locking.hold(workdir.value):
       train_and_evaluate(config_value(config), workdir.value)
 

@@ -1,11 +1,24 @@
 """Test session setup: 8 CPU devices, so mesh tests run on a real multi-device mesh."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must be set before jax initialises its backend (these imports do not import jax).
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# xdist workers start threads before they import this file, too late for `share_one_arena`;
+# glibc reads this when a process starts, so every worker has one arena, as the binaries do.
+os.environ.setdefault('MALLOC_ARENA_MAX', '1')
+# One compilation cache for the session, its xdist workers and subprocesses included: the
+# tests build the same small programs again and again. Fresh each session, so nothing compiled
+# before is trusted.
+if 'PYTEST_XDIST_WORKER' not in os.environ:  # workers inherit the controller's
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxlm-tests-xla-')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 from jaxlm import host_memory  # pylint: disable=wrong-import-position
 

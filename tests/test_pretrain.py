@@ -4,6 +4,7 @@ import json
 import math
 import re
 import os
+import shutil
 import subprocess
 import sys
 
@@ -71,6 +72,33 @@ def test_pretraining_reads_local_text_files_into_a_relative_workdir(tmp_path, mo
   state = pretrain.train_and_evaluate(config, 'work')
   assert int(state.step) == 2
   assert os.listdir(tmp_path / 'work' / 'checkpoints') == ['2']
+
+
+def test_a_run_takes_every_program_from_the_compilation_cache_an_earlier_run_left(tmp_path):
+  """The binaries keep compiled programs in the workdir: a run there that finds them compiles
+  nothing new and trains exactly as the run that compiled them."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_PERSISTENT_CACHE')
+         and k != 'JAX_COMPILATION_CACHE_DIR'}  # the test session's own cache
+
+  def train():
+    result = subprocess.run(
+        [sys.executable, '-m', 'experiments.pretrain', '--config=tests/tiny_config.py',
+         f'--workdir={tmp_path}', '--config.train.steps=4'],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
+      return [json.loads(line)['train/loss'] for line in f if 'train/loss' in line]
+
+  losses = train()
+  compiled = sorted(os.listdir(tmp_path / 'compilation_cache'))
+  assert len(compiled) > 3 and len(losses) == 4
+  for path in tmp_path.iterdir():  # a fresh start, but for the cache
+    if path.is_dir() and path.name != 'compilation_cache':
+      shutil.rmtree(path)
+    elif path.is_file():
+      path.unlink()
+  assert train() == losses
+  assert sorted(os.listdir(tmp_path / 'compilation_cache')) == compiled
 
 
 @pytest.mark.parametrize('field, value, message', [
