@@ -78,7 +78,9 @@ def one_device(workdirs, tmp_path_factory):
   return losses
 
 
-@pytest.mark.parametrize('strategy', STRATEGIES)
+# The default suite runs the mesh with every axis; `pytest -m slow` each axis alone too.
+@pytest.mark.parametrize('strategy', [
+    s if s == 'dp_fsdp_tp' else pytest.param(s, marks=pytest.mark.slow) for s in STRATEGIES])
 def test_pretraining_losses_match_one_device_under_every_strategy(tmp_path, one_device,
                                                                   strategy):
   _run_stage('pretrain', {}, str(tmp_path), strategy)
