@@ -1,18 +1,18 @@
 """A user's mistake ends every binary within seconds with one line, `error: ...`, that names the
 field, file or value, and exit status 2; never a traceback.
 
-Each case is a real subprocess. They all fail before anything trains, so the selected cases run
-two at a time in one module fixture and each test checks its own result.
+Each case is a real process running the binary as `python -m` would. They all fail before anything
+trains, so the selected cases run two at a time in one module fixture, forked by `tests.zygote`
+from a process that has imported the libraries once, and each test checks its own result.
 """
 
-import concurrent.futures
 import dataclasses
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,7 +39,7 @@ class Case:
     args = [a.format(**paths) for a in self.args]
     if self.binary in WORKDIR_BINARIES and not any(a.startswith('--workdir') for a in args):
       args.append(f'--workdir={paths["tmp"]}/runs/{self.name}')
-    return [sys.executable, '-m', f'experiments.{self.binary}', *args]
+    return ['-m', f'experiments.{self.binary}', *args]
 
 
 def case(name, binary, culprit, *args):
@@ -230,28 +230,25 @@ class Result:
   seconds: float
 
 
-def _run(argv) -> Result:
-  start = time.perf_counter()
-  try:
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
-    return Result(done.returncode, done.stdout, done.stderr, time.perf_counter() - start)
-  except subprocess.TimeoutExpired as e:
-    decode = lambda out: out.decode(errors='replace') if isinstance(out, bytes) else out or ''
-    return Result(None, decode(e.stdout), decode(e.stderr), time.perf_counter() - start)
-
-
 @pytest.fixture(scope='module')
-def results(request, paths) -> dict[str, Result]:
+def results(request, paths, tmp_path_factory) -> dict[str, Result]:
   """Every selected case of this module, run two at a time (the machine's cores)."""
-  selected = [item.callspec.params['case'] for item in request.session.items
-              if item.module is sys.modules[__name__] and hasattr(item, 'callspec')]
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    futures = {c.name: pool.submit(_run, c.argv(paths)) for c in dict.fromkeys(selected)}
-    return {name: future.result() for name, future in futures.items()}
+  selected = list(dict.fromkeys(item.callspec.params['case'] for item in request.session.items
+                                if item.module is sys.modules[__name__]
+                                and hasattr(item, 'callspec')))
+  outputs = tmp_path_factory.mktemp('outputs')
+  jobs = [{'argv': c.argv(paths), 'stdout': str(outputs / f'{c.name}.out'),
+           'stderr': str(outputs / f'{c.name}.err')} for c in selected]
+  done = subprocess.run([sys.executable, '-m', 'tests.zygote', '--parallel=2',
+                         f'--timeout={TIMEOUT}'], input=json.dumps(jobs), cwd=ROOT,
+                        capture_output=True, text=True, check=True)
+  return {c.name: Result(ran['returncode'], open(job['stdout']).read(),
+                         open(job['stderr']).read(), ran['seconds'])
+          for c, job, ran in zip(selected, jobs, json.loads(done.stdout))}
 
 
 def _describe(c: Case, result: Result, paths) -> str:
-  return (f'{" ".join(c.argv(paths)[1:])}\nexit {result.returncode} after {result.seconds:.1f}s'
+  return (f'{" ".join(c.argv(paths))}\nexit {result.returncode} after {result.seconds:.1f}s'
           f'\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}')
 
 
