@@ -9,6 +9,7 @@ from a process that has imported the libraries once, and each test checks its ow
 import dataclasses
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -241,9 +242,11 @@ def results(request, paths, tmp_path_factory) -> dict[str, Result]:
            'stderr': str(outputs / f'{c.name}.err')} for c in selected]
   done = subprocess.run([sys.executable, '-m', 'tests.zygote', '--parallel=2',
                          f'--timeout={TIMEOUT}'], input=json.dumps(jobs), cwd=ROOT,
-                        capture_output=True, text=True, check=True)
-  return {c.name: Result(ran['returncode'], open(job['stdout']).read(),
-                         open(job['stderr']).read(), ran['seconds'])
+                        capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
+  read = lambda path: pathlib.Path(path).read_text(errors='replace')
+  return {c.name: Result(ran['returncode'], read(job['stdout']), read(job['stderr']),
+                         ran['seconds'])
           for c, job, ran in zip(selected, jobs, json.loads(done.stdout))}
 
 
