@@ -5,10 +5,12 @@ replies recorded against their KL to the SFT model, for reward models trained fo
 lengths.
 
   python -m experiments.overoptimization --workdir=runs/overopt \
-      --config.init_workdir=runs/pipeline/sft
+      --config.base_workdir=runs/pipeline/base
 
-Each length's reward model is trained in `<workdir>/rm_<steps>` and its PPO run in
-`<workdir>/ppo_<steps>`; rerunning resumes (finished runs are not retrained). Writes
+A short SFT of the pretrained base is trained in `<workdir>/sft` (or `--config.init_workdir`
+names an SFT workdir to start from); each length's reward model is trained from it in
+`<workdir>/rm_<steps>` and its PPO run in `<workdir>/ppo_<steps>`; rerunning resumes (finished
+runs are not retrained). Writes
 `overoptimization.json` (every evaluation and each curve's gold peak), `overoptimization.md`
 (the tables) and `overoptimization.png` (proxy and gold against KL) to the workdir.
 """
@@ -19,6 +21,7 @@ import time
 
 from experiments import reward_model
 from experiments import rl as rl_binary
+from experiments import sft
 from jaxlm import cli
 from jaxlm import locking
 from jaxlm import metrics
@@ -31,9 +34,26 @@ CURVE = {'kl': 'eval/kl', 'proxy': 'eval/mean_reward', 'gold': 'eval/gold_reward
          'hallucination_rate': 'eval/hallucination_rate'}
 
 
-def run_configs(config, workdir: str) -> dict[int, tuple]:
-  """{reward-model steps: (reward-model config, PPO config)}; raises UserError before anything
-  trains if one of them is invalid."""
+def sft_config(config, workdir: str):
+  """(The SFT workdir that the reward models and PPO start from, the config that trains it there
+  or None when `config.init_workdir` names one); raises UserError if it is invalid."""
+  if config.init_workdir:
+    return config.init_workdir, None
+  if not config.base_workdir:
+    raise UserError('config.base_workdir must name a pretrained workdir to fine-tune (e.g. '
+                    'runs/pipeline/base), or config.init_workdir an SFT workdir to start from')
+  stage_config = config.sft.copy_and_resolve_references()
+  stage_config.init_workdir = config.base_workdir
+  try:
+    sft.validate(stage_config.copy_and_resolve_references())
+  except UserError as e:
+    raise UserError(f'config.sft: {e}') from e
+  return os.path.join(workdir, 'sft'), stage_config
+
+
+def run_configs(config, init_workdir: str, workdir: str) -> dict[int, tuple]:
+  """{reward-model steps: (reward-model config, PPO config)}, all starting from `init_workdir`;
+  raises UserError before anything trains if one of them is invalid."""
   lengths = tuple(config.reward_model_steps)
   if not lengths or not all(isinstance(s, int) and s > 0 for s in lengths):
     raise UserError(f'config.reward_model_steps must be one or more positive step counts, e.g. '
@@ -43,12 +63,12 @@ def run_configs(config, workdir: str) -> dict[int, tuple]:
   runs = {}
   for steps in lengths:
     rm_config = config.reward_model.copy_and_resolve_references()
-    rm_config.init_workdir = config.init_workdir
+    rm_config.init_workdir = init_workdir
     # A short run would spend most of its steps warming up.
     rm_config.train.update(steps=steps,
                            warmup_steps=min(rm_config.train.warmup_steps, max(1, steps // 5)))
     ppo_config = config.ppo.copy_and_resolve_references()
-    ppo_config.update(init_workdir=config.init_workdir,
+    ppo_config.update(init_workdir=init_workdir,
                       reward_workdir=os.path.join(workdir, f'rm_{steps}'))
     for stage, binary, stage_config in (('reward_model', reward_model, rm_config),
                                         ('ppo', rl_binary, ppo_config)):
@@ -156,10 +176,12 @@ def plot(variants: list[dict], path: str) -> None:
 
 def main(config, workdir: str) -> dict:
   start = time.time()
-  if not config.init_workdir:
-    raise UserError('config.init_workdir must name an SFT workdir (e.g. '
-                    '--config.init_workdir=runs/pipeline/sft)')
-  runs = run_configs(config, workdir)
+  init_workdir, stage_config = sft_config(config, workdir)
+  runs = run_configs(config, init_workdir, workdir)
+  sft_seconds = 0.0
+  if stage_config is not None:
+    metrics.log(f'== SFT of {config.base_workdir} ==')
+    sft_seconds = train_once(sft, stage_config, init_workdir)
   variants = []
   for index, (steps, (rm_config, ppo_config)) in enumerate(runs.items()):
     metrics.log(f'== reward model of {steps} steps, then PPO against it ({index + 1} of '
@@ -171,8 +193,9 @@ def main(config, workdir: str) -> dict:
     variants.append(dict(reward_model_steps=steps,
                          reward_model_accuracy=reward_model_accuracy(rm_workdir),
                          curve=points, peak=gold_peak(points), wall_seconds=wall_seconds))
-  report = dict(variants=variants, kl_coef=config.ppo.kl.coef,
-                wall_seconds=sum(sum(v['wall_seconds'].values()) for v in variants))
+  report = dict(variants=variants, kl_coef=config.ppo.kl.coef, init_workdir=init_workdir,
+                sft_wall_seconds=sft_seconds,
+                wall_seconds=sft_seconds + sum(sum(v['wall_seconds'].values()) for v in variants))
   tables = format_tables(variants)
   with open(os.path.join(workdir, 'overoptimization.json'), 'w', encoding='utf-8') as f:
     json.dump(report, f, indent=2)

@@ -10,15 +10,18 @@ import pytest
 
 from experiments import overoptimization
 from experiments.configs import overoptimization as overoptimization_config
+from jaxlm import metrics
 from jaxlm.errors import UserError
 from tests import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(sft_workdir: str):
+def _config(sft_workdir: str = '', base_workdir: str = ''):
   config = overoptimization_config.get_config()
   config.init_workdir = sft_workdir
+  config.base_workdir = base_workdir
+  config.sft = tiny_config.sft_config('', steps=2)
   # One reward model: a second would only repeat the compilations.
   config.reward_model_steps = (2,)
   config.reward_model = tiny_config.reward_config('', steps=2)
@@ -29,7 +32,15 @@ def _config(sft_workdir: str):
 
 def test_the_report_holds_what_the_ppo_run_logged(sft_workdir, tmp_path):
   workdir = str(tmp_path)
-  report = overoptimization.main(_config(sft_workdir), workdir)
+  with open(os.path.join(sft_workdir, 'config.json'), encoding='utf-8') as f:
+    base_workdir = json.load(f)['init_workdir']  # the fixture's pretrained base
+  report = overoptimization.main(_config(base_workdir=base_workdir), workdir)
+  # The experiment's own SFT, from the base, is where the reward model and PPO start.
+  sft_dir = os.path.join(workdir, 'sft')
+  assert report['init_workdir'] == sft_dir
+  with open(os.path.join(sft_dir, 'config.json'), encoding='utf-8') as f:
+    assert json.load(f)['init_workdir'] == base_workdir
+  assert [r['step'] for r in metrics.read(sft_dir) if 'train/loss' in r] == [1, 2]
   [variant] = report['variants']
   assert variant['reward_model_steps'] == 2
   with open(tmp_path / 'ppo_2' / 'metrics.jsonl', encoding='utf-8') as f:
@@ -48,16 +59,21 @@ def test_the_report_holds_what_the_ppo_run_logged(sft_workdir, tmp_path):
   with open(tmp_path / 'rm_2' / 'metrics.jsonl', encoding='utf-8') as f:
     final = json.loads(f.readlines()[-1])
   assert variant['reward_model_accuracy'] == final['eval/pairwise_accuracy']
+  for stage in ('rm_2', 'ppo_2'):
+    with open(tmp_path / stage / 'config.json', encoding='utf-8') as f:
+      assert json.load(f)['init_workdir'] == sft_dir
   with open(tmp_path / 'ppo_2' / 'config.json', encoding='utf-8') as f:
     assert json.load(f)['reward_workdir'] == os.path.join(workdir, 'rm_2')
-  assert report['wall_seconds'] == sum(variant['wall_seconds'].values()) > 0
+  assert report['wall_seconds'] == report['sft_wall_seconds'] + sum(
+      variant['wall_seconds'].values())
+  assert report['sft_wall_seconds'] > 0
   with open(tmp_path / 'overoptimization.json', encoding='utf-8') as f:
     assert json.load(f) == report
   assert (tmp_path / 'overoptimization.md').read_text().count('| 2 steps |') == 1 + 3
   assert (tmp_path / 'overoptimization.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
   # A rerun reuses the finished runs: the same numbers, nothing retrained.
-  assert overoptimization.main(_config(sft_workdir), workdir) == report
+  assert overoptimization.main(_config(base_workdir=base_workdir), workdir) == report
 
 
 def _point(step, kl, proxy, gold):
@@ -84,6 +100,12 @@ def test_gold_peaks_at_its_first_maximum_and_the_divergence_is_measured_from_the
 
 
 def test_bad_configs_fail_before_anything_trains(tmp_path):
+  with pytest.raises(UserError, match=r'^config\.base_workdir must name a pretrained workdir'):
+    overoptimization.main(_config(), str(tmp_path))
+  config = _config(base_workdir='runs/base')
+  config.sft.data.noise_wrong = 2.0
+  with pytest.raises(UserError, match=r'^config\.sft: config\.data\.noise_wrong must be in'):
+    overoptimization.main(config, str(tmp_path))
   config = _config('runs/sft')
   config.reward_model_steps = (4, 4)
   with pytest.raises(UserError, match=r'reward_model_steps.*repeats'):

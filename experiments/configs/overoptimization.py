@@ -1,20 +1,33 @@
 """Reward-model over-optimisation on the built-in world, sized for ~17 minutes on 2 CPU cores.
 
-For each length in `reward_model_steps` a reward model is trained from `init_workdir` (an SFT
-workdir), then PPO optimises the SFT policy against it. `reward_model` and `ppo` are those
-binaries' configs (`--config.ppo.kl.coef=0.01`); `init_workdir` and `reward_workdir` are filled in
-by the experiment. Tuples from the command line: `--config.reward_model_steps='(50, 200)'`.
+First `sft` fine-tunes `base_workdir` (a pretrained workdir), unless `init_workdir` names an SFT
+workdir to start from. Then for each length in `reward_model_steps` a reward model is trained from
+the SFT model, and PPO optimises the SFT policy against it. `sft`, `reward_model` and `ppo` are
+those binaries' configs (`--config.ppo.kl.coef=0.01`); their `init_workdir` and `reward_workdir`
+are filled in by the experiment. Tuples from the command line:
+`--config.reward_model_steps='(50, 200)'`.
 """
 
 import ml_collections
 
 from experiments.configs import reward_model
 from experiments.configs import rl
+from experiments.configs import sft
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.init_workdir = 'runs/pipeline/sft'  # the policy, and PPO's reference for the KL
+  c.base_workdir = 'runs/pipeline/base'
+  # The policy, and PPO's reference for the KL; empty: `sft` trains it from `base_workdir`.
+  c.init_workdir = ''
+  # A short SFT leaves PPO something to gain: from the pipeline's 200-step SFT model every PPO
+  # step cost gold, and gold peaked at step 0 against every reward model; from this one (exact
+  # match 0.34, hallucination 0.75 on the held-out prompts) a better reward model lets gold
+  # rise for longer before it falls.
+  c.sft = sft.get_config()
+  c.sft.train.steps = 50
+  c.sft.eval_every = 0  # once, at the end
+  c.sft.eval_at_start = False
   # One reward model per length: fewer steps see fewer preference pairs and leave a proxy that
   # is easier to exploit (held-out accuracy 78% after 25 steps, 82% after 100 and after 400).
   c.reward_model_steps = (25, 100, 400)
