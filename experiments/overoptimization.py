@@ -10,9 +10,9 @@ lengths.
 A short SFT of the pretrained base is trained in `<workdir>/sft` (or `--config.init_workdir`
 names an SFT workdir to start from); each length's reward model is trained from it in
 `<workdir>/rm_<steps>` and its PPO run in `<workdir>/ppo_<steps>`; rerunning resumes (finished
-runs are not retrained). Writes
-`overoptimization.json` (every evaluation and each curve's gold peak), `overoptimization.md`
-(the tables) and `overoptimization.png` (proxy and gold against KL) to the workdir.
+runs are not retrained). Writes `overoptimization.json` (every evaluation and each curve's gold
+peak), `overoptimization.md` (the tables) and `overoptimization.png` (proxy and gold against KL)
+to the workdir.
 """
 
 import json
@@ -34,7 +34,7 @@ CURVE = {'kl': 'eval/kl', 'proxy': 'eval/mean_reward', 'gold': 'eval/gold_reward
          'hallucination_rate': 'eval/hallucination_rate'}
 
 
-def sft_config(config, workdir: str):
+def sft_stage(config, workdir: str):
   """(The SFT workdir that the reward models and PPO start from, the config that trains it there
   or None when `config.init_workdir` names one); raises UserError if it is invalid."""
   if config.init_workdir:
@@ -176,7 +176,7 @@ def plot(variants: list[dict], path: str) -> None:
 
 def main(config, workdir: str) -> dict:
   start = time.time()
-  init_workdir, stage_config = sft_config(config, workdir)
+  init_workdir, stage_config = sft_stage(config, workdir)
   runs = run_configs(config, init_workdir, workdir)
   sft_seconds = 0.0
   if stage_config is not None:

@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft.eval_every = 0  # once, at the end
   c.sft.eval_at_start = False
   # One reward model per length: fewer steps see fewer preference pairs and leave a proxy that
-  # is easier to exploit (held-out accuracy 78% after 25 steps, 82% after 100 and after 400).
+  # is easier to exploit (held-out accuracy 76% after 25 steps, 81% after 100, 83% after 400).
   c.reward_model_steps = (25, 100, 400)
   c.reward_model = reward_model.get_config()
   c.reward_model.data.seq_len = 80  # as in the pipeline: the longest world pair is under 80
