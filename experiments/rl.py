@@ -131,6 +131,7 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
         flops_per_token=policy.config.flops_per_token(sequence) * config.epochs
         * (2 if is_ppo else 1),
         tokens_per_row=sequence * config.rollout.samples_per_prompt,
+        batch_tokens=lambda batch: batch['inputs'].shape[0] * (batch['inputs'].shape[1] + 1),
         make_step=lambda optimizer: rl.make_step(rl.make_loss(policy, critic, config),
                                                  optimizer, config.epochs, config.minibatches),
         prepare_batch=rl.make_prepare_batch(config, tokenizer, policy, scorer, prompts,

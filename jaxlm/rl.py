@@ -33,6 +33,10 @@ from jaxlm.errors import UserError
 
 ALGORITHMS = ('ppo', 'grpo')
 CRITICS = ('separate', 'shared')
+# A step's rollout rows end at its longest sequence rounded up to a multiple of this: scoring and
+# the update skip the padding after it (a third of a pipeline PPO step), and the few row widths
+# each compile once. Finer multiples trim more and compile more.
+ROW_MULTIPLE = 16
 
 # Verifiable rewards: (reply, example) -> float. Add one with `@register_reward('name')`.
 REWARD_FUNCTIONS: dict[str, Callable[[str, dict], float]] = {}
@@ -183,6 +187,21 @@ def rollout(model, params, tokenizer, examples: list[dict], rng, *, prompt_len: 
       response_mask_BxT=response.astype(jnp.float32), log_probs_BxT=log_probs[:, 1:],
       last_index_B=ends_B - 2, replies=replies,
       generated_tokens=int(np.sum(host_ends - prompt_lengths)))
+
+
+def trimmed(rollouts: Rollouts) -> Rollouts:
+  """`rollouts` with every `_BxT` array cut after the longest sequence (`row_width`): what
+  follows it is padding, which no reply token attends to and no loss counts."""
+  total = rollouts.inputs_BxT.shape[1] + 1
+  width = row_width(int(jnp.max(rollouts.last_index_B)) + 2, total)
+  return dataclasses.replace(rollouts, **{
+      field.name: getattr(rollouts, field.name)[:, :width - 1]
+      for field in dataclasses.fields(rollouts) if field.name.endswith('_BxT')})
+
+
+def row_width(longest: int, total: int) -> int:
+  """Tokens kept of each rollout row: `longest` rounded up to `ROW_MULTIPLE`, at most `total`."""
+  return min(total, -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE)
 
 
 def sequence_token_log_probs(model, params, inputs_BxT, targets_BxT, segment_ids_BxT):
@@ -429,6 +448,7 @@ def make_prepare_batch(rl_config, tokenizer, policy, scorer: Scorer, prompts: li
                        temperature=c.rollout.temperature, mesh=mesh)
     if timer is not None:  # rollout ends on the host, with the replies decoded
       timer.add(time.perf_counter() - start, rollouts.generated_tokens)
+    rollouts = trimmed(rollouts)
     batch = scorer.batch(state, rollouts, examples, iterator.kl.value)
     if c.kl.adaptive:  # one host sync per step, only when the controller needs the KL
       replies = len(examples) * jax.process_count()

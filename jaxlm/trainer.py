@@ -186,6 +186,9 @@ class Stage:
   prepare_batch: Callable[[TrainState, dict], dict] | None = None
   # seconds since the last logged step -> host-side metrics of that window (RL: generation).
   window_metrics: Callable[[float], dict[str, float]] | None = None
+  # prepared batch -> the tokens it trains on, where batches differ in width (RL's rollouts);
+  # default: `tokens_per_row` for every row.
+  batch_tokens: Callable[[dict], int] | None = None
 
 
 def abstract_params(boxed_shapes, mesh):
@@ -268,14 +271,26 @@ def _place(local, mesh, grad_accum_steps: int):
   return sharding.put_batch(local, mesh, batch_axis=1 if grad_accum_steps > 1 else 0)
 
 
-def _compile(train_step, state: TrainState, batch):
-  """The step compiled for the loop's arguments. On a CPU host malloc then keeps the memory the
-  step frees for the next one, if its temporaries are small enough (`jaxlm.host_memory`)."""
-  compiled = train_step.lower(state, batch).compile()
-  temp_bytes = getattr(compiled.memory_analysis(), 'temp_size_in_bytes', None)
-  if temp_bytes is not None:
-    host_memory.keep_freed_memory(temp_bytes)
-  return compiled
+class _CompiledSteps:
+  """The step compiled once per batch shape (one for most stages; RL's rows end at each batch's
+  longest reply, so it sees a few). On a CPU host malloc keeps the memory the largest of them
+  frees for the next step, if its temporaries are small enough (`jaxlm.host_memory`)."""
+
+  def __init__(self, train_step):
+    self._train_step = train_step
+    self._compiled = {}
+    self._temp_bytes = 0
+
+  def __call__(self, state: TrainState, batch):
+    shapes = tuple((path, leaf.shape) for path, leaf in jax.tree.leaves_with_path(batch))
+    if shapes not in self._compiled:
+      compiled = self._train_step.lower(state, batch).compile()
+      temp_bytes = getattr(compiled.memory_analysis(), 'temp_size_in_bytes', None)
+      if temp_bytes is not None and temp_bytes > self._temp_bytes:
+        self._temp_bytes = temp_bytes
+        host_memory.keep_freed_memory(temp_bytes)
+      self._compiled[shapes] = compiled
+    return self._compiled[shapes](state, batch)
 
 
 def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
@@ -331,22 +346,21 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
   if jax.devices()[0].platform != 'cpu':
     peak *= jax.device_count()  # a CPU probe already measures every core at once
   preemption = _Preemption()
-  tokens_per_step = tc.batch_size * stage.tokens_per_row
-  last_time, last_step = time.time(), start_step
+  batch_tokens = stage.batch_tokens or (lambda _: tc.batch_size * stage.tokens_per_row)
+  window_tokens, last_time = 0, time.time()
   nonfinite = int(state.nonfinite_steps)
-  compiled_step = None
+  compiled_step = _CompiledSteps(train_step)
   try:
     for step in range(start_step + 1, tc.steps + 1):
       batch = prepare_batch(state, next(data_iterator))
-      if compiled_step is None:
-        compiled_step = _compile(train_step, state, batch)
       state, train_metrics = compiled_step(state, batch)
+      window_tokens += batch_tokens(batch)
       evaluate = (config.eval_every and step % config.eval_every == 0) or step == tc.steps
       if step % config.log_every == 0 or evaluate:
         scalars = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
         nonfinite = _check_nonfinite(state, step, tc.max_nonfinite_steps, nonfinite)
         now = time.time()
-        tokens_per_sec = tokens_per_step * (step - last_step) / (now - last_time)
+        tokens_per_sec = window_tokens / (now - last_time)
         scalars.update({
             'train/learning_rate': float(learning_rate_schedule(tc)(step - 1)),
             'perf/tokens_per_sec': tokens_per_sec,
@@ -354,7 +368,7 @@ def train(config, workdir: str, stage: Stage, mesh) -> TrainState:
         })
         if stage.window_metrics is not None:
           scalars.update(stage.window_metrics(now - last_time))
-        last_time, last_step = now, step
+        window_tokens, last_time = 0, now
         if evaluate:
           scalars.update(stage.evaluate(all_params(state), step))
           last_time = time.time()  # evaluation is not training throughput

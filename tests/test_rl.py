@@ -18,15 +18,30 @@ from jaxlm import model as model_lib
 from jaxlm import perf
 from jaxlm import rl
 from jaxlm import sharding
+from jaxlm import trainer
 from jaxlm.data import world as world_lib
 from tests import tiny_config
 
 
-def test_an_rl_run_compiles_its_step_once_and_its_sampler_once_per_shape(sft_workdir, tmp_path):
+def test_an_rl_run_compiles_its_step_once_per_row_width_and_its_sampler_once_per_shape(
+    sft_workdir, tmp_path, monkeypatch):
   config = tiny_config.rl_config(sft_workdir, steps=6)
+  widths = []  # of each step's rollout rows
+  trim = rl.trimmed
+
+  def recorded(rollouts):
+    rollouts = trim(rollouts)
+    widths.append(rollouts.inputs_BxT.shape[1] + 1)
+    return rollouts
+
+  monkeypatch.setattr(rl, 'trimmed', recorded)
   with perf.counting_compilations() as compiled:
     rl_binary.train_and_evaluate(config, str(tmp_path))
-  assert compiled['jit(step)'] == 1
+  total = config.rollout.prompt_len + config.rollout.max_new_tokens
+  assert len(widths) == config.train.steps
+  assert all(w % rl.ROW_MULTIPLE == 0 or w == total for w in widths)
+  assert min(widths) < total  # these replies end well before the budget: rows are trimmed
+  assert compiled['jit(step)'] == len(set(widths))
   # The sampler is jitted once per process: at most its two shapes (the rollouts' batch and the
   # evaluation's), fewer where an earlier run in this process compiled them.
   assert compiled['jit(generate)'] <= 2
@@ -36,17 +51,16 @@ def test_an_rl_run_compiles_its_step_once_and_its_sampler_once_per_shape(sft_wor
     logged = [r for r in map(json.loads, f) if 'perf/tokens_per_sec' in r]
   assert logged and all('perf/generation_share' in r for r in logged)
   rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
-  tokens_per_step = rows * (config.rollout.prompt_len + config.rollout.max_new_tokens)
   previous_step = 0
   for record in logged:
     steps = record['step'] - previous_step
+    window_seconds = (rows * sum(widths[previous_step:record['step']])
+                      / record['perf/tokens_per_sec'])
     previous_step = record['step']
     assert 0 < record['perf/generation_share'] < 1
-    window_seconds = steps * tokens_per_step / record['perf/tokens_per_sec']
     generated = (record['perf/generated_tokens_per_sec'] * record['perf/generation_share']
                  * window_seconds)
     assert 0 < generated <= steps * rows * config.rollout.max_new_tokens * 1.001
-
 
 
 def test_rollout_log_probs_equal_a_teacher_forced_forward(sft_workdir):
@@ -72,6 +86,60 @@ def test_rollout_log_probs_equal_a_teacher_forced_forward(sft_workdir):
     first = int(np.argmax(mask[row]))
     assert first + 1 == len(prompt)
     assert np.all(mask[row, first:first + int(mask[row].sum())] == 1)
+
+
+def test_trimmed_rollout_rows_score_and_train_as_the_full_width_ones(sft_workdir):
+  _, tokenizer, model = lm.load_workdir(sft_workdir)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  examples = [{'messages': [{'role': 'user', 'content': text}], 'answer': 'x'}
+              for text in ('What is 3 + 4?', 'Where does Gemo Kiges live?', 'Hi', 'Tell me')
+              for _ in range(2)]
+  config = tiny_config.rl_config(sft_workdir, algorithm='ppo', reward='letter_e',
+                                 **{'rollout.samples_per_prompt': 2})
+  critic = model_lib.ScalarHeadModel(model.config)
+  prompt_len, max_new_tokens = 48, 24
+  total = prompt_len + max_new_tokens
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    policy_params = lm.load_params(sft_workdir, model, mesh)
+    full = rl.rollout(model, policy_params, tokenizer, examples, jax.random.PRNGKey(3),
+                      prompt_len=prompt_len, max_new_tokens=max_new_tokens, temperature=1.0,
+                      mesh=mesh)
+    rollouts = rl.trimmed(full)
+    width = rollouts.inputs_BxT.shape[1] + 1
+    longest = int(np.max(full.last_index_B)) + 2
+    assert longest <= width == rl.row_width(longest, total) < total
+    assert width % rl.ROW_MULTIPLE == 0
+    # Everything cut was padding.
+    for field in ('inputs_BxT', 'targets_BxT', 'segment_ids_BxT', 'response_mask_BxT',
+                  'log_probs_BxT'):
+      assert not np.any(getattr(full, field)[:, width - 1:]), field
+    params = {'policy': policy_params,
+              'value': nn.unbox(critic.init(jax.random.PRNGKey(1),
+                                            rollouts.inputs_BxT)['params'])}
+    optimizer = trainer.make_optimizer(config.train)
+    zero = jnp.zeros((), jnp.int32)
+    state = trainer.TrainState(zero, params, optimizer.init(params), jax.random.PRNGKey(2),
+                               zero, zero)
+    scorer = rl.Scorer(config, model, critic, None, policy_params, None, None, mesh)
+    step = jax.jit(rl.make_step(rl.make_loss(model, critic, config), optimizer, config.epochs,
+                                config.minibatches))
+    batches, updated = {}, {}
+    for name, rows in (('trimmed', rollouts), ('full', full)):
+      batches[name] = scorer.batch(state, rows, examples, 0.1)
+      updated[name], _ = step(jax.tree.map(jnp.copy, state), batches[name])
+  trimmed, padded = batches['trimmed'], batches['full']
+  assert float(jnp.sum(jnp.abs(trimmed['advantages']))) > 0
+  for key in ('mask', 'ref_log_probs', 'advantages', 'old_values', 'returns'):
+    np.testing.assert_allclose(padded[key][:, :width - 1], trimmed[key], atol=2e-5, err_msg=key)
+    assert not np.any(padded[key][:, width - 1:]), key
+  # One PPO step (both epochs, both minibatches) moves the policy and the critic the same way,
+  # most parameters by about the learning rate (Adam), far beyond the tolerance (the critic's
+  # unused unembedding gets no gradient).
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), updated['full'].params,
+                       params)
+  assert np.median(jax.tree.leaves(moved)) > 10 * 1e-6
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               updated['trimmed'].params, updated['full'].params)
 
 
 @rl.register_reward('letter_e')
