@@ -282,7 +282,7 @@ class _CompiledSteps:
     self._temp_bytes = 0
 
   def __call__(self, state: TrainState, batch):
-    shapes = tuple((path, leaf.shape) for path, leaf in jax.tree.leaves_with_path(batch))
+    shapes = tuple((path, jnp.shape(leaf)) for path, leaf in jax.tree.leaves_with_path(batch))
     if shapes not in self._compiled:
       compiled = self._train_step.lower(state, batch).compile()
       temp_bytes = getattr(compiled.memory_analysis(), 'temp_size_in_bytes', None)
