@@ -2,8 +2,12 @@
 hand, packing that keeps each conversation whole, JSONL records, and preference pairs."""
 
 import collections
+import itertools
 import json
 import re
+
+import grain
+import grain.experimental
 
 import numpy as np
 import pytest
@@ -133,6 +137,53 @@ def test_packing_keeps_each_conversation_whole_in_exactly_one_segment(tokenizer,
     np.testing.assert_array_equal(weights, _assistant_targets(np.append(inputs, targets[-1])))
   # Packing did pack: fewer rows than conversations, several to some row.
   assert sum(len(b['inputs']) for b in batches) < len(rows)
+
+
+def _grain_first_fit(rows, seq_len, batch_size, seed, shuffle, repeat, shard, num_shards):
+  """The reference: Grain's own first-fit packing of the same sequence of conversations."""
+  ds = grain.MapDataset.source(rows)[shard::num_shards]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat(None)
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds.to_iter_dataset(), length_struct={k: seq_len for k in ('inputs', 'targets', 'weights')},
+      num_packing_bins=max(2, batch_size), shuffle_bins=shuffle, seed=seed)
+  return ds.batch(batch_size, drop_remainder=repeat)
+
+
+@pytest.mark.parametrize('batch_size, shuffle, repeat, num_shards',
+                         [(4, True, True, 1), (1, True, True, 1), (3, False, False, 1),
+                          (5, True, True, 2)])
+def test_first_fit_packing_gives_grains_batches_and_resumes_them(tokenizer, world, batch_size,
+                                                                 shuffle, repeat, num_shards):
+  seq_len, seed = 64, 7
+  examples = data_lib.world_sft_examples(world, 'train', 48) + [
+      _conversation(n, r) for n, r in ((3, 2), (5, 20), (30, 4), (50, 8), (12, 12))]
+  rows, _ = data_lib.tokenize_conversations(tokenizer, examples, seq_len)
+  names = {'inputs': 'inputs', 'targets': 'targets', 'weights': 'weights',
+           'segment_ids': 'inputs_segment_ids', 'positions': 'inputs_positions'}
+  for shard in range(num_shards):
+    args = (rows, seq_len, batch_size, seed, shuffle, repeat, shard, num_shards)
+    ours = iter(data_lib.packed_conversation_batches(*args[:4], shuffle=shuffle, repeat=repeat,
+                                                     shard_index=shard, num_shards=num_shards))
+    theirs = list(itertools.islice(_grain_first_fit(*args), 60))  # several epochs when repeated
+    states = []
+    for expected in theirs:
+      states.append(ours.get_state())
+      batch = next(ours)
+      assert set(batch) == set(names)
+      for key, name in names.items():
+        np.testing.assert_array_equal(batch[key], expected[name], err_msg=key)
+    if not repeat:
+      assert next(ours, None) is None
+    # Resuming from a saved position gives the same batches again.
+    for start in (1, len(theirs) // 2, len(theirs) - 1):
+      resumed = iter(data_lib.packed_conversation_batches(
+          *args[:4], shuffle=shuffle, repeat=repeat, shard_index=shard, num_shards=num_shards))
+      resumed.set_state(json.loads(json.dumps(states[start])))
+      for expected in theirs[start:start + 3]:
+        np.testing.assert_array_equal(next(resumed)['inputs'], expected['inputs'])
 
 
 def _write(path, lines):

@@ -134,3 +134,113 @@ def pack(pieces: list[dict[str, np.ndarray]], seq_len: int) -> dict[str, np.ndar
   if 'sources' in pieces[0]:
     batch['source_ids'] = flat('sources')
   return batch
+
+
+class FirstFitBatches:
+  """Batches of whole sequences (dicts of equal-length arrays: `inputs`, `targets`, `weights`)
+  packed first-fit, `batch_size` rows of `seq_len` at a time: each sequence goes to the first row
+  with room for it, and the first that fits none starts the next batch. Rows carry `segment_ids`
+  (1, 2, ... per sequence, 0 on padding) and `positions`; `shuffle` shuffles each batch's rows.
+
+  The batches, and the positions a run saves and resumes, are those of Grain's
+  `FirstFitPackIterDataset(num_packing_bins=batch_size)` then `.batch(batch_size)`, which packs
+  element by element through its generic tree code; this packs with a few numpy operations per
+  sequence. `sequences` is random-access (a `grain.MapDataset`, repeated for several epochs).
+  """
+
+  def __init__(self, sequences: grain.MapDataset, seq_len: int, batch_size: int, seed: int,
+               shuffle: bool = True, drop_remainder: bool = True):
+    self.sequences = sequences
+    self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+    self.shuffle, self.drop_remainder = shuffle, drop_remainder
+
+  def __iter__(self) -> 'FirstFitIterator':
+    return FirstFitIterator(self)
+
+
+class FirstFitIterator:
+  # Grain packs into at least two rows even for batches of one; a batch is then one of them.
+
+  def __init__(self, packed: FirstFitBatches):
+    self._packed = packed
+    self._rows_per_pack = max(2, packed.batch_size)
+    self._start = 0  # the first sequence of the current pack
+    self._emitted = 0  # rows of the current pack already emitted
+    self._rows_before = 0  # rows emitted before it (seeds its shuffle, as Grain's counter)
+    self._pack = None  # (rows, order, index of the first sequence after the pack)
+
+  def __iter__(self):
+    return self
+
+  def get_state(self) -> dict:
+    return {'start': self._start, 'emitted': self._emitted, 'rows_before': self._rows_before}
+
+  def set_state(self, state: dict) -> None:
+    if set(state) != {'start', 'emitted', 'rows_before'}:
+      raise UserError('the checkpoint\'s data position was saved by an older jaxlm data '
+                      'pipeline and cannot be resumed; to train from scratch, use a new workdir '
+                      'or move this workdir\'s checkpoints directory aside')
+    self._start, self._emitted = int(state['start']), int(state['emitted'])
+    self._rows_before, self._pack = int(state['rows_before']), None
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = []
+    while len(rows) < self._packed.batch_size:
+      row = self._next_row()
+      if row is None:
+        break
+      rows.append(row)
+    if not rows or (len(rows) < self._packed.batch_size and self._packed.drop_remainder):
+      raise StopIteration
+    return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+  def _next_row(self) -> dict[str, np.ndarray] | None:
+    if self._pack is None:
+      self._pack = self._fill(self._start)
+      if self._pack is None:
+        return None
+    rows, order, end = self._pack
+    row = {k: v[order[self._emitted]] for k, v in rows.items()}
+    self._emitted += 1
+    if self._emitted == len(order):
+      self._start, self._rows_before = end, self._rows_before + len(order)
+      self._emitted, self._pack = 0, None
+    return row
+
+  def _fill(self, start: int):
+    """The pack beginning at sequence `start`: (rows, their emission order, the next start)."""
+    sequences, seq_len = self._packed.sequences, self._packed.seq_len
+    rows_per_pack = self._rows_per_pack
+    used = np.zeros(rows_per_pack, np.int64)
+    counts = np.zeros(rows_per_pack, np.int32)
+    rows = None
+    index = start
+    while index < len(sequences):
+      sequence = sequences[index]
+      length = len(sequence['inputs'])
+      fits = used + length <= seq_len
+      if not fits.any():
+        if rows is None:
+          raise UserError(f'a sequence of {length} tokens does not fit in rows of {seq_len}')
+        break
+      if rows is None:
+        rows = {k: np.zeros((rows_per_pack, seq_len), np.asarray(v).dtype)
+                for k, v in sequence.items()}
+        rows['segment_ids'] = np.zeros((rows_per_pack, seq_len), np.int32)
+        rows['positions'] = np.zeros((rows_per_pack, seq_len), np.int32)
+      row = int(np.argmax(fits))
+      cells = slice(used[row], used[row] + length)
+      for key, values in sequence.items():
+        rows[key][row, cells] = values
+      counts[row] += 1
+      rows['segment_ids'][row, cells] = counts[row]
+      rows['positions'][row, cells] = np.arange(length)
+      used[row] += length
+      index += 1
+    if rows is None:
+      return None
+    filled = int(np.count_nonzero(counts))  # rows fill in order: an empty one fits anything
+    rows = {k: v[:filled] for k, v in rows.items()}
+    order = (np.random.default_rng(self._packed.seed + self._rows_before).permuted(range(filled))
+             if self._packed.shuffle else np.arange(filled))
+    return rows, order, index

@@ -10,10 +10,10 @@ import json
 import os
 
 import grain
-import grain.experimental as grain_experimental
 import numpy as np
 
 from jaxlm import chat
+from jaxlm.data import packing
 from jaxlm.data import world as world_lib
 from jaxlm.errors import UserError
 
@@ -251,13 +251,6 @@ def tokenize_conversations(tokenizer, examples: list[dict], seq_len: int):
   return rows, stats
 
 
-def _finish_packed(row):
-  return {'inputs': row['inputs'].astype(np.int32), 'targets': row['targets'].astype(np.int32),
-          'weights': row['weights'].astype(np.float32),
-          'segment_ids': row['inputs_segment_ids'].astype(np.int32),
-          'positions': row['inputs_positions'].astype(np.int32)}
-
-
 def packed_conversation_batches(rows: list[dict], seq_len: int, batch_size: int, seed: int,
                                 shuffle: bool = True, repeat: bool = True,
                                 shard_index: int = 0, num_shards: int = 1):
@@ -267,7 +260,5 @@ def packed_conversation_batches(rows: list[dict], seq_len: int, batch_size: int,
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat(None)
-  ds = grain_experimental.FirstFitPackIterDataset(
-      ds.to_iter_dataset(), length_struct={k: seq_len for k in ('inputs', 'targets', 'weights')},
-      num_packing_bins=max(2, batch_size), shuffle_bins=shuffle, seed=seed)
-  return ds.map(_finish_packed).batch(batch_size, drop_remainder=repeat)
+  return packing.FirstFitBatches(ds, seq_len, batch_size, seed, shuffle=shuffle,
+                                 drop_remainder=repeat)
