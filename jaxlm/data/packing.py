@@ -78,10 +78,7 @@ class PackedIterator:
     return {'next_document': self._next_document, 'offset': self._offset}
 
   def set_state(self, state: dict) -> None:
-    if set(state) != {'next_document', 'offset'}:
-      raise UserError('the checkpoint\'s data position was saved by an older jaxlm data '
-                      'pipeline and cannot be resumed; to train from scratch, use a new workdir '
-                      'or move this workdir\'s checkpoints directory aside')
+    _check_state(state, {'next_document', 'offset'})
     self._next_document, self._offset = int(state['next_document']), int(state['offset'])
     self._read = []
 
@@ -108,6 +105,13 @@ class PackedIterator:
     self._read = self._read[len(pieces) - unfinished:]
     self._offset = end if unfinished else 0
     return pack(pieces, self._seq_len)
+
+
+def _check_state(state: dict, keys: set[str]) -> None:
+  if set(state) != keys:
+    raise UserError('the checkpoint\'s data position was saved by an older jaxlm data pipeline '
+                    'and cannot be resumed; to train from scratch, use a new workdir or move '
+                    'this workdir\'s checkpoints directory aside')
 
 
 def pack(pieces: list[dict[str, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
@@ -159,7 +163,7 @@ class FirstFitBatches:
 
 
 class FirstFitIterator:
-  # Grain packs into at least two rows even for batches of one; a batch is then one of them.
+  """Packs (Grain's way) at least two rows at a time, even for batches of one row."""
 
   def __init__(self, packed: FirstFitBatches):
     self._packed = packed
@@ -176,10 +180,7 @@ class FirstFitIterator:
     return {'start': self._start, 'emitted': self._emitted, 'rows_before': self._rows_before}
 
   def set_state(self, state: dict) -> None:
-    if set(state) != {'start', 'emitted', 'rows_before'}:
-      raise UserError('the checkpoint\'s data position was saved by an older jaxlm data '
-                      'pipeline and cannot be resumed; to train from scratch, use a new workdir '
-                      'or move this workdir\'s checkpoints directory aside')
+    _check_state(state, {'start', 'emitted', 'rows_before'})
     self._start, self._emitted = int(state['start']), int(state['emitted'])
     self._rows_before, self._pack = int(state['rows_before']), None
 
