@@ -23,8 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft.train.steps = 200
   c.reward_model = reward_model.get_config()
   c.reward_model.train.steps = 200
-  # Preference rows are padded, and world replies short; a request for a secret with its
-  # refusal is the longest pair, under 80 tokens.
+  # Preference rows are padded, and world replies short: all but the longest rambling rejections
+  # fit in 80 tokens (52 of the 20,000 training pairs do not; the log counts them).
   c.reward_model.data.seq_len = 80
   c.grpo = rl.get_config()
   c.grpo.train.steps = 60
