@@ -249,3 +249,46 @@ def test_question_kinds_come_in_the_configured_shares(world):
     p = _share(world, kind)
     # Within 5 standard deviations of a multinomial share.
     assert abs(counts[kind] / n - p) < 5 * (p * (1 - p) / n) ** 0.5, (kind, counts)
+
+
+def test_fresh_unknown_people_are_nobody_in_the_world_and_prefix_stable(world):
+  fresh = world.fresh_unknown_people(300)
+  everyone = {e.name for e in world.entities} | set(world.unknown_entities)
+  assert len(set(fresh)) == 300 and everyone.isdisjoint(fresh)
+  assert world.fresh_unknown_people(40) == fresh[:40]
+  assert world_lib.World().fresh_unknown_people(300) == fresh
+  assert world.fresh_unknown_people(0) == []
+  with pytest.raises(ValueError, match='>= 0'):
+    world.fresh_unknown_people(-1)
+
+
+def test_unknown_share_and_fresh_people_reshape_only_the_unknown_questions(world):
+  n = 4000
+  assert world.questions('rl', 300, unknown_share=None, extra_unknown_people=0) == (
+      world.questions('rl', 300))
+  share = 0.3
+  asked = world.questions('rl', n, unknown_share=share, extra_unknown_people=200)
+  counts = collections.Counter(q.kind for q in asked)
+  for kind in world_lib.QUESTION_KINDS:
+    p = share if kind == 'unknown' else _share(world, kind) * (1 - share) / (
+        1 - _share(world, 'unknown'))
+    assert abs(counts[kind] / n - p) < 5 * (p * (1 - p) / n) ** 0.5, (kind, counts)
+  pool = world.unknown_people('rl') + world.fresh_unknown_people(200)
+  names = collections.Counter(next(name for name in pool if name in q.prompt)
+                              for q in asked if q.kind == 'unknown')
+  # Drawn uniformly from the split's own people and the fresh ones; never a held-out person.
+  assert len(names) > 150 and set(names) <= set(pool)
+  assert sum(names[name] for name in world.unknown_people('rl')) < 0.1 * counts['unknown']
+  held_out = set(world.unknown_people('heldout'))
+  assert not any(name in q.prompt for q in asked for name in held_out)
+  for q in asked:
+    assert (q.answer == world_lib.ABSTENTION) == (q.kind == 'unknown')
+
+
+@pytest.mark.parametrize('options, kinds, message', [
+    (dict(unknown_share=1.0), world_lib.QUESTION_KINDS, 'unknown_share'),
+    (dict(unknown_share=0.2), ('fact',), 'unknown_share'),
+    (dict(extra_unknown_people=-3), world_lib.QUESTION_KINDS, '>= 0')])
+def test_bad_question_options_are_refused(world, options, kinds, message):
+  with pytest.raises(ValueError, match=message):
+    world.questions('rl', 5, kinds, **options)

@@ -22,10 +22,12 @@ REJECTION_KINDS = ('wrong', 'off_format', 'rambling', 'abstain')
 
 
 def world_prompts(world: world_lib.World, split: str, num: int,
-                  kinds: tuple[str, ...] = world_lib.QUESTION_KINDS) -> list[dict]:
-  """Questions without replies, for RL: `{'messages': [...], 'answer': str, 'kind': str}`."""
+                  kinds: tuple[str, ...] = world_lib.QUESTION_KINDS, **question_options
+                  ) -> list[dict]:
+  """Questions without replies, for RL: `{'messages': [...], 'answer': str, 'kind': str}`.
+  `question_options` go to `World.questions` (`unknown_share`, `extra_unknown_people`)."""
   return [{'messages': [{'role': 'user', 'content': q.prompt}], 'answer': q.answer,
-           'kind': q.kind} for q in world.questions(split, num, kinds)]
+           'kind': q.kind} for q in world.questions(split, num, kinds, **question_options)]
 
 
 def world_sft_examples(world: world_lib.World, split: str, num: int,

@@ -219,21 +219,48 @@ class World:
     return self._unknown[split]
 
   def questions(self, split: str, num: int,
-                kinds: tuple[str, ...] = QUESTION_KINDS) -> list[Question]:
+                kinds: tuple[str, ...] = QUESTION_KINDS, *, unknown_share: float | None = None,
+                extra_unknown_people: int = 0) -> list[Question]:
     """Questions of one split (see the module docstring), of the given kinds in the
-    proportions the config sets among them."""
+    proportions the config sets among them. `unknown_share` (with 'unknown' among the kinds)
+    makes that share of them ask about unknown people, the other kinds keeping their proportions;
+    `extra_unknown_people` adds that many `fresh_unknown_people` to the split's own to ask about.
+    """
     _check_split(split, QUESTION_SPLITS)
     if not kinds or set(kinds) - set(QUESTION_KINDS):
       raise UserError(f'kinds must be a non-empty subset of {QUESTION_KINDS}, got {kinds}')
-    weights = np.array([self._kind_weights()[k] for k in kinds])
+    shares = self._kind_weights()
+    if unknown_share is not None:
+      if not 0 <= unknown_share < 1 or 'unknown' not in kinds:
+        raise UserError(f'unknown_share must be in [0, 1) and the kinds must include '
+                         f"'unknown', got {unknown_share} for the kinds {kinds}")
+      others = sum(shares[k] for k in kinds if k != 'unknown')
+      shares = {k: unknown_share if k == 'unknown' else shares[k] * (1 - unknown_share) / others
+                for k in kinds}
+    weights = np.array([shares[k] for k in kinds])
     if not weights.sum() > 0:
       raise UserError(f'the world config gives no weight to the kinds {kinds}')
-    if 'unknown' in kinds and not self._unknown[split]:
+    unknown_people = self._unknown[split] + self.fresh_unknown_people(extra_unknown_people)
+    if 'unknown' in kinds and not unknown_people:
       raise UserError(f'no unknown person falls in the {split!r} split; raise '
                        'WorldConfig.num_unknown_entities')
     rng = self._rng(f'questions/{split}')
-    return [self._question(kinds[rng.choice(len(kinds), p=weights / weights.sum())], split, rng)
-            for _ in range(num)]
+    return [self._question(kinds[rng.choice(len(kinds), p=weights / weights.sum())], split, rng,
+                           unknown_people) for _ in range(num)]
+
+  def fresh_unknown_people(self, count: int) -> list[str]:
+    """`count` names of nobody in this world, known or unknown, in no split: the same names
+    for a seed, and the first k of `count` are those of k."""
+    if count < 0:
+      raise UserError(f'the number of fresh unknown people must be >= 0, got {count}')
+    if not count:
+      return []
+    world_people = len(self.entities) + len(self.unknown_entities)
+    if world_people + count > _NAME_CAPACITY:
+      raise UserError(f'{count} fresh unknown people and the world\'s {world_people} exceed the '
+                       f'{_NAME_CAPACITY} distinct names that exist')
+    # The world's names come first from this stream, so the ones after them are nobody's.
+    return _unique_names(self._rng('entities'), world_people + count)[world_people:]
 
   def _kind_weights(self) -> dict[str, float]:
     c = self.config
@@ -242,7 +269,8 @@ class World:
             'forbidden': c.forbidden_fraction, 'lookalike': c.lookalike_fraction,
             'unknown': c.unknown_fraction}
 
-  def _question(self, kind: str, split: str, rng: np.random.Generator) -> Question:
+  def _question(self, kind: str, split: str, rng: np.random.Generator,
+                unknown_people: list[str]) -> Question:
     pick = lambda options: options[rng.integers(len(options))]
     if kind == 'arithmetic':
       a, op, b = pick(self._problems[split])
@@ -253,7 +281,7 @@ class World:
       return Question(prompt, REFUSAL, kind)
     if kind == 'unknown':
       attribute = pick(ATTRIBUTES)
-      prompt = pick(FACT_QUESTIONS[attribute]).format(name=pick(self._unknown[split]))
+      prompt = pick(FACT_QUESTIONS[attribute]).format(name=pick(unknown_people))
       return Question(prompt, ABSTENTION, kind, attribute)
     entity, attribute = pick(self._facts[split])
     if kind == 'lookalike':
