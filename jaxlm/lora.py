@@ -65,7 +65,7 @@ def wrap(model, lora_config, training: bool = False):
   provider = qwix.LoraProvider(module_path=lora_config.targets, rank=lora_config.rank,
                                alpha=lora_config.alpha,
                                dropout=lora_config.dropout if training else 0.0)
-  methods = [m for m in ('__call__', 'hidden_states', 'logits', 'reward')
+  methods = [m for m in ('__call__', 'hidden_states', 'logits', 'reward', 'head_values')
              if hasattr(type(model), m)]
   return qwix.apply_lora_to_model(model, provider, methods=methods)
 

@@ -421,12 +421,16 @@ class ScalarHeadModel(nn.Module):
     if self.is_initializing():  # create the unembedding too, to match language-model checkpoints
       self.transformer(tokens_BxL, positions_BxL, segment_ids_BxL)
     hidden_BxLxD, _ = self.transformer.hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL)
+    return self.head_values(hidden_BxLxD)
+
+  def head_values(self, hidden_BxLxD):
+    """The read-out [B, L] of final hidden states, e.g. of a backbone shared with a policy."""
     return self.head(hidden_BxLxD.astype(jnp.float32))[..., 0]
 
   def reward(self, tokens_BxL, segment_ids_BxL, reply_start_B, last_B):
     """[B] rewards of padded rows whose reply is tokens reply_start..last (inclusive)."""
     hidden_BxLxD, _ = self.transformer.hidden_states(tokens_BxL, None, segment_ids_BxL)
-    values_BxL = self.head(hidden_BxLxD.astype(jnp.float32))[..., 0]
+    values_BxL = self.head_values(hidden_BxLxD)
     reward_B = jnp.take_along_axis(values_BxL, last_B[:, None], axis=1)[:, 0]
     if not self.reply_likelihood:
       return reward_B

@@ -226,9 +226,25 @@ def critic_params(params, rl_config):
 def make_loss(policy, critic, rl_config):
   """The minibatch loss of both algorithms: clipped policy objective, plus the KL penalty
   (GRPO) or the clipped value loss (PPO). Returns sums, like every jaxlm loss."""
-  def loss_fn(params, batch):
+  is_ppo = rl_config.algorithm == 'ppo'
+
+  def forward(params, batch):
+    """(log-probs of the targets, logits, PPO's values or None)."""
+    if is_ppo and rl_config.critic == 'shared':  # one pass through the backbone feeds both heads
+      hidden, _ = policy.apply({'params': params['policy']}, batch['inputs'], None,
+                               batch['segment_ids'], method='hidden_states')
+      logits = policy.apply({'params': params['policy']}, hidden, method='logits')
+      values = critic.apply({'params': critic_params(params, rl_config)}, hidden,
+                            method='head_values')
+      return losses.token_log_probs(logits, batch['targets']), logits, values
     logp, logits = sequence_token_log_probs(policy, params['policy'], batch['inputs'],
                                             batch['targets'], batch['segment_ids'])
+    values = (critic.apply({'params': critic_params(params, rl_config)}, batch['inputs'], None,
+                           batch['segment_ids']) if is_ppo else None)
+    return logp, logits, values
+
+  def loss_fn(params, batch):
+    logp, logits, values = forward(params, batch)
     mask = batch['mask']
     policy_sums = losses.ppo_policy_loss(logp, batch['old_log_probs'], batch['advantages'], mask,
                                          rl_config.clip_eps)
@@ -240,11 +256,9 @@ def make_loss(policy, critic, rl_config):
             'approx_kl': policy_sums['approx_kl'],
             'kl': kl_sum, 'entropy': jnp.sum(entropy(logits) * mask),
             'count': policy_sums['count']}
-    if rl_config.algorithm == 'grpo':
+    if values is None:  # GRPO
       total = total + batch['kl_coef'] * kl_sum
     else:
-      values = critic.apply({'params': critic_params(params, rl_config)}, batch['inputs'], None,
-                            batch['segment_ids'])
       value_sums = losses.value_loss(values, batch['old_values'], batch['returns'], mask,
                                      rl_config.value_clip_eps)
       total = total + rl_config.value_coef * value_sums['loss']
