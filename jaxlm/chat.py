@@ -8,7 +8,7 @@ Role tokens are ids the tokenizer reserved (`jaxlm.tokenizer.CHAT_TOKENS`), so n
 them. A model imported from Hugging Face uses its checkpoint's own (Jinja) template, rendered by
 transformers. Either way the loss mask is 1 exactly on assistant content tokens and the
 end-of-turn token that closes them. Answers to the synthetic world's questions are expected in
-the form `Answer: <answer>`.
+the form `Answer: <answer>`, after any working on the same line (`71 + 26 = 97; Answer: 97`).
 """
 
 import functools
@@ -22,7 +22,8 @@ from jaxlm.data import world as world_lib
 
 ROLES = ('system', 'user', 'assistant')
 ANSWER_PREFIX = 'Answer: '
-_ANSWER = re.compile(r'Answer: (\S(?:.*\S)?)')
+# Any working comes first, on the same line, ending in '; ' (`format_answer`).
+_ANSWER = re.compile(r'(?:\S.*?; )?Answer: (\S(?:.*\S)?)')
 
 
 def role_id(tokenizer, role: str) -> int:
@@ -109,8 +110,9 @@ def _encode_with_template(tokenizer, messages, add_generation_prompt: bool):
   return np.asarray(tokens, np.int32), mask
 
 
-def format_answer(answer: str) -> str:
-  return ANSWER_PREFIX + answer
+def format_answer(answer: str, working: str = '') -> str:
+  """'Answer: 97', or with the working that led to it: '71 + 26 = 97; Answer: 97'."""
+  return f'{working}; {ANSWER_PREFIX}{answer}' if working else ANSWER_PREFIX + answer
 
 
 def parse_answer(response: str) -> str | None:

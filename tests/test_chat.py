@@ -91,8 +91,21 @@ def test_format_and_parse_answer_round_trip(answer):
   assert chat.parse_answer(reply) == answer
 
 
+@pytest.mark.parametrize('answer, working', [('97', '71 + 26 = 97'),
+                                             ('85', '7 + 8 = 15, write 5 carry 1; 4 + 3 + 1 = 8')])
+def test_an_answer_after_its_working_parses_to_the_answer(answer, working):
+  reply = chat.format_answer(answer, working)
+  assert reply == f'{working}; Answer: {answer}'
+  assert chat.parse_answer(reply) == answer
+  assert chat.is_correct(reply, answer) and not chat.is_correct(reply, working)
+
+
 @pytest.mark.parametrize('reply', [
     '42',  # the bare answer
+    '71 + 26 = 97',  # the working alone
+    '71 + 26 = 97;Answer: 97',  # no space after the working
+    '; Answer: 97',  # an empty working
+    '71 + 26 = 97\nAnswer: 97',  # on two lines
     'The answer is 42.',
     'Answer:',  # empty answer
     'Answer: ',

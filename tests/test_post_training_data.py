@@ -285,11 +285,14 @@ def test_chosen_replies_parse_to_the_correct_answer(world):
 def test_wrong_rejections_are_well_formed_and_wrong(world):
   pairs = data_lib.world_preference_pairs(world, 'heldout', 300, {'wrong': 1}, 1, QUESTIONS)
   assert {p['kind'] for p in pairs} == {'wrong'}
-  for pair, answer in zip(pairs, _correct(world, 'heldout', 300)):
+  for pair, question in zip(pairs, world.questions('heldout', 300, QUESTIONS)):
+    answer = question.answer
     parsed = chat.parse_answer(pair['rejected'])
     assert parsed is not None and parsed != answer, pair
-    if answer.isdigit():
+    if answer.isdigit():  # the working restates the problem with the same wrong result
       assert parsed.isdigit() and 1 <= abs(int(parsed) - int(answer)) <= 10, pair
+      expression = question.prompt.removeprefix('What is ').removesuffix('?')
+      assert pair['rejected'] == f'{expression} = {parsed}; Answer: {parsed}', pair
     else:  # another value of the same attribute
       assert any(answer in v and parsed in v for v in world_lib.VOCABULARY.values()), pair
 
@@ -312,7 +315,8 @@ def test_abstain_rejections_abstain_on_questions_the_documents_answer(world):
 def test_rambling_rejections_start_with_the_right_answer_and_go_on(world):
   pairs = data_lib.world_preference_pairs(world, 'train', 300, {'rambling': 1}, 3, QUESTIONS)
   for pair, answer in zip(pairs, _correct(world, 'train', 300)):
-    assert pair['rejected'].startswith(chat.format_answer(answer) + ' '), pair
+    assert chat.parse_answer(pair['chosen']) == answer
+    assert pair['rejected'].startswith(pair['chosen'] + ' '), pair
     assert chat.parse_answer(pair['rejected']) != answer
 
 

@@ -203,6 +203,25 @@ def test_arithmetic_questions_use_their_split_and_correct_answers(world, questio
     assert int(question.answer) == (int(a) + int(b) if op == '+' else int(a) - int(b))
 
 
+def test_working_restates_an_arithmetic_problem_as_the_documents_state_one(world, docs,
+                                                                          questions):
+  train_lines = {line for doc in docs['train'] for line in doc.split('\n')}
+  arithmetic = [q for q in questions['train'] if q.kind == 'arithmetic']
+  for question in arithmetic:
+    a, op, b = re.fullmatch(r'What is (\d+) ([+-]) (\d+)\?', question.prompt).groups()
+    assert world_lib.working(question, question.answer) == f'{a} {op} {b} = {question.answer}'
+    assert world_lib.working(question, '7') == f'{a} {op} {b} = 7'
+  # In the documents' own form: some are lines pretraining read word for word (2,000 documents
+  # hold a third of the training problems).
+  assert all(EXPRESSION.fullmatch(world_lib.working(q, q.answer)).group(4) for q in arithmetic)
+  assert any(world_lib.working(q, q.answer) in train_lines for q in arithmetic)
+  for split in world_lib.QUESTION_SPLITS:
+    assert all(world_lib.working(q, q.answer) == '' for q in questions[split]
+               if q.kind != 'arithmetic')
+  # Another phrasing of arithmetic than the world's own gets no working.
+  assert world_lib.working(world_lib.Question('Compute 2 + 3.', '5', 'arithmetic'), '5') == ''
+
+
 def test_each_split_asks_about_its_own_facts(world, questions):
   asked = {split: {_fact_source(world, q)[:2] for q in questions[split] if q.kind == 'fact'}
            for split in world_lib.QUESTION_SPLITS}

@@ -33,7 +33,7 @@ def world_prompts(world: world_lib.World, split: str, num: int,
 def world_sft_examples(world: world_lib.World, split: str, num: int,
                        kinds: tuple[str, ...] = world_lib.QUESTION_KINDS) -> list[dict]:
   return [{'messages': [{'role': 'user', 'content': q.prompt},
-                        {'role': 'assistant', 'content': chat.format_answer(q.answer)}],
+                        {'role': 'assistant', 'content': world_reply(q)}],
            'answer': q.answer, 'kind': q.kind} for q in world.questions(split, num, kinds)]
 
 
@@ -45,6 +45,12 @@ def world_held_out(world_examples, world: world_lib.World, num_questions: int,
   for kind in world_lib.POLICY_KINDS if num_per_policy_kind else ():
     examples += world_examples(world, 'heldout', num_per_policy_kind, (kind,))
   return examples
+
+
+def world_reply(question: world_lib.Question, answer: str | None = None) -> str:
+  """The world's reply giving `answer` (by default the right one), after its working."""
+  answer = question.answer if answer is None else answer
+  return chat.format_answer(answer, world_lib.working(question, answer))
 
 
 def _wrong_answer(question: world_lib.Question, rng: np.random.Generator) -> str:
@@ -80,7 +86,7 @@ def _rejected(question, kind: str, rng: np.random.Generator) -> str:
   if question.kind in world_lib.POLICY_KINDS:
     return _policy_violation(question, rng)
   if kind == 'wrong':
-    return chat.format_answer(_wrong_answer(question, rng))
+    return world_reply(question, _wrong_answer(question, rng))
   if kind == 'abstain':  # the documents answer it: "I don't know" is for unknown people only
     return chat.format_answer(world_lib.ABSTENTION)
   if kind == 'off_format':
@@ -88,7 +94,7 @@ def _rejected(question, kind: str, rng: np.random.Generator) -> str:
   filler = ('Let me think about this for a while.', 'There are many ways to see it.',
             'This is a question I like.', 'It depends on how you look at it.')
   extra = ' '.join(rng.choice(filler, size=rng.integers(1, 3)))
-  return chat.format_answer(question.answer) + ' ' + extra
+  return world_reply(question) + ' ' + extra
 
 
 def with_label_noise(examples: list[dict], noise_wrong: float, noise_off_format: float,
@@ -139,7 +145,7 @@ def world_preference_pairs(world: world_lib.World, split: str, num: int,
   for question in questions:
     rejection = rejections[rng.choice(len(rejections), p=weights / weights.sum())]
     pairs.append({'messages': [{'role': 'user', 'content': question.prompt}],
-                  'chosen': chat.format_answer(question.answer),
+                  'chosen': world_reply(question),
                   'rejected': _rejected(question, rejection, rng),
                   'kind': (question.kind if question.kind in world_lib.POLICY_KINDS
                            else rejection)})

@@ -1,9 +1,10 @@
 """Multi-step arithmetic worked on a scratchpad: problems a tiny model cannot answer in one go but
 can work out from single steps it has memorised.
 
-The world's arithmetic asks for `a + b` in one go, which a ~1M-parameter model gets right under
-11% of the time. Here a problem is a chain of single steps, each a fact of a small table that
-pretraining states in full (`facts`, in `documents`):
+The world's arithmetic is one step of a kind its documents state thousands of times (`a op b = c`
+with 2-digit operands), and its replies restate the problem in that form before answering
+(`jaxlm.data.world.working`). Here a problem takes several steps, each a fact of a small table
+that pretraining states in full (`facts`, in `documents`):
 
 - 'sum2', 'sum3': the sum of two 2-digit (3-digit) numbers, added digit by digit from the right;
   each step is a digit fact `a + b = r` or, with the carry, `a + b + 1 = r`. The digits written so
@@ -109,7 +110,7 @@ def solution(problem: Problem) -> str:
     steps = chain_steps(numbers[0], op1, numbers[1], op2, numbers[2])
   else:
     steps = sum_steps(*numbers)
-  return '; '.join(steps + [chat.format_answer(str(problem.answer))])
+  return chat.format_answer(str(problem.answer), '; '.join(steps))
 
 
 def final_answer(reply: str) -> str | None:
