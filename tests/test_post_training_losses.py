@@ -326,7 +326,9 @@ def test_pairwise_accuracy_per_kind_counts_each_kind_and_skips_padding(tokenizer
   pairs = data_lib.world_preference_pairs(world_lib.World(), 'heldout', 30,
                                           {'wrong': 1, 'off_format': 1, 'rambling': 1}, seed=0)
   pairs.append({**pairs[0], 'kind': 'from a JSONL file'})
-  batches = reward.padded_pair_batches(reward.pair_rows(tokenizer, pairs, SEQ_LEN, 'test'), 8)
+  rows = reward.pair_rows(tokenizer, pairs, 2 * SEQ_LEN, 'test')
+  assert len(rows) == len(pairs)  # every pair fits, so the flags below line up with the pairs
+  batches = reward.padded_pair_batches(rows, 8)
   assert len(pairs) % 8 and len(batches) == -(-len(pairs) // 8)  # the last batch is padded
   rng = np.random.default_rng(0)
   right = [rng.random(8) < 0.5 for _ in batches]
