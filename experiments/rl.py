@@ -8,8 +8,6 @@ reward model with a KL penalty to the reference (the starting SFT model).
       --config.reward_workdir=runs/rm
 """
 
-import functools
-
 import flax.linen as nn
 import grain
 import jax
@@ -50,16 +48,7 @@ def validate(config) -> None:
   if rows % config.minibatches:
     raise UserError(f'config.rollout.prompts_per_step * samples_per_prompt ({rows}) must be '
                      f'divisible by config.minibatches ({config.minibatches})')
-  unknown_share = config.data.get('unknown_share')
-  extra_unknown_people = config.data.get('extra_unknown_people', 0)
-  if unknown_share is not None and not 0 <= unknown_share < 1:
-    raise UserError('config.data.unknown_share must be in [0, 1) (unset: the world\'s own mix), '
-                     f'got {unknown_share}')
-  if extra_unknown_people < 0:
-    raise UserError(f'config.data.extra_unknown_people must be >= 0, got {extra_unknown_people}')
-  if (unknown_share is not None or extra_unknown_people) and config.data.source != 'world':
-    raise UserError('config.data.unknown_share and extra_unknown_people shape the built-in '
-                     f'world\'s prompts; config.data.source is {config.data.source!r}')
+  post_training.world_question_options(config.data)
   if config.rollout.temperature != 1.0:
     raise UserError('config.rollout.temperature must be 1.0: the importance ratios and the KL '
                      'are taken under the policy itself, which is what samples at 1.0')
@@ -84,10 +73,8 @@ def train_and_evaluate(config, workdir: str) -> trainer.TrainState:
                   if config.reward == 'model' and config.critic == 'separate'
                   else model_lib.ScalarHeadModel(policy.config))
   critic = lora.for_config(reward_model, config)
-  prompts = post_training.examples(
-      config.data, 'train', world, data_lib.prompt_from_record,
-      functools.partial(data_lib.world_prompts, unknown_share=config.data.get('unknown_share'),
-                        extra_unknown_people=config.data.get('extra_unknown_people', 0)))
+  prompts = post_training.examples(config.data, 'train', world, data_lib.prompt_from_record,
+                                   data_lib.world_prompts)
   eval_prompts = post_training.examples(config.data, 'eval', world, data_lib.prompt_from_record,
                                         data_lib.world_prompts)
   if config.reward != 'model' and not all(p.get('answer') for p in prompts):

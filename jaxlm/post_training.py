@@ -57,12 +57,31 @@ def load_initial_params(config, model, mesh):
   return lm.initial_params_loader(config)(lm.abstract_params(model, mesh))
 
 
+def world_question_options(data_config) -> dict:
+  """The `World.questions` options of a stage's training questions, checked: how often they ask
+  about people no document mentions (`data.unknown_share`; unset: the world's own mix) and about
+  how many people beyond the split's own (`data.extra_unknown_people`, names of nobody)."""
+  unknown_share = data_config.get('unknown_share')
+  extra_unknown_people = data_config.get('extra_unknown_people', 0)
+  if unknown_share is not None and not 0 <= unknown_share < 1:
+    raise UserError("config.data.unknown_share must be in [0, 1) (unset: the world's own mix), "
+                     f'got {unknown_share}')
+  if extra_unknown_people < 0:
+    raise UserError(f'config.data.extra_unknown_people must be >= 0, got {extra_unknown_people}')
+  if (unknown_share is not None or extra_unknown_people) and data_config.source != 'world':
+    raise UserError("config.data.unknown_share and extra_unknown_people shape the built-in "
+                     f"world's questions; config.data.source is {data_config.source!r}")
+  return dict(unknown_share=unknown_share, extra_unknown_people=extra_unknown_people)
+
+
 def examples(data_config, split: str, world, parse, world_examples) -> list[dict]:
-  """Records of `split` ('train' or 'eval') from the configured source."""
+  """Records of `split` ('train' or 'eval') from the configured source. Training questions
+  from the world follow `world_question_options`; held-out ones keep the world's own mix."""
   if data_config.source == 'world':
     train_split = data_config.get('world_train_split', 'train')
     if split == 'train':
-      return world_examples(world, train_split, data_config.num_train)
+      return world_examples(world, train_split, data_config.num_train,
+                            **world_question_options(data_config))
     return data_lib.world_held_out(world_examples, world, data_config.num_eval,
                                    data_config.get('num_eval_policy', 0))
   if data_config.source == 'jsonl':

@@ -105,9 +105,9 @@ def pairwise_accuracy(correct: float, count: float, counts_by_kind: dict) -> dic
 def world_pairs(data_config, seed: int):
   """The world's preference pairs in the configured rejection proportions, as the
   `world_examples` function of `post_training.examples`."""
-  return lambda world, split, num, kinds=world_lib.QUESTION_KINDS: (
+  return lambda world, split, num, kinds=world_lib.QUESTION_KINDS, **question_options: (
       data_lib.world_preference_pairs(world, split, num, dict(data_config.rejection_proportions),
-                                      seed, kinds))
+                                      seed, kinds, **question_options))
 
 
 def reward_model(workdir: str, model_config) -> model_lib.ScalarHeadModel:

@@ -370,3 +370,17 @@ def test_preference_pairs_are_deterministic_in_the_seed(world):
 def test_bad_rejection_proportions_are_an_error_naming_the_field(world, proportions):
   with pytest.raises(ValueError, match='rejection_proportions'):
     data_lib.world_preference_pairs(world, 'train', 10, proportions, seed=0)
+
+
+def test_world_examples_ask_about_unknown_people_as_the_options_say(world):
+  options = dict(unknown_share=0.4, extra_unknown_people=30)
+  questions = world.questions('train', 300, **options)
+  assert questions != world.questions('train', 300)
+  sft = data_lib.world_sft_examples(world, 'train', 300, **options)
+  assert [e['messages'][0]['content'] for e in sft] == [q.prompt for q in questions]
+  for example, question in zip(sft, questions):
+    assert chat.parse_answer(example['messages'][1]['content']) == question.answer
+  pairs = data_lib.world_preference_pairs(world, 'train', 300, {'wrong': 1.0}, 0, **options)
+  assert [p['messages'][0]['content'] for p in pairs] == [q.prompt for q in questions]
+  prompts = data_lib.world_prompts(world, 'train', 300, **options)
+  assert [p['messages'][0]['content'] for p in prompts] == [q.prompt for q in questions]

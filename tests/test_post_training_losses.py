@@ -153,7 +153,8 @@ def _segment_sums(loss_fn, params, batch, row_and_segment):
 
 def test_packed_conversations_have_the_losses_they_have_alone(lm, sft_rows):
   _, params, loss_fn = lm
-  rows = sft_rows[:SFT_BATCH]  # the multi-turn conversation first, then two short ones
+  # The multi-turn conversation first, then the shortest world conversations: all in one row.
+  rows = sft_rows[:1] + sorted(sft_rows[1:], key=lambda row: len(row['inputs']))[:SFT_BATCH - 1]
   segments = range(1, len(rows) + 1)
   empty = _row([])
 

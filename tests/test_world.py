@@ -215,11 +215,35 @@ def test_working_restates_an_arithmetic_problem_as_the_documents_state_one(world
   # hold a third of the training problems).
   assert all(EXPRESSION.fullmatch(world_lib.working(q, q.answer)).group(4) for q in arithmetic)
   assert any(world_lib.working(q, q.answer) in train_lines for q in arithmetic)
-  for split in world_lib.QUESTION_SPLITS:
-    assert all(world_lib.working(q, q.answer) == '' for q in questions[split]
-               if q.kind != 'arithmetic')
   # Another phrasing of arithmetic than the world's own gets no working.
   assert world_lib.working(world_lib.Question('Compute 2 + 3.', '5', 'arithmetic'), '5') == ''
+
+
+def test_working_restates_a_fact_as_the_documents_state_it(world, docs, questions):
+  sentences = {sentence.strip() for doc in docs['train'] for sentence in doc.split('.')}
+  people = [e.name for e in world.entities] + world.unknown_entities
+  read_word_for_word = 0
+  for split in world_lib.QUESTION_SPLITS:
+    for question in questions[split]:
+      if question.kind in ('fact', 'lookalike'):
+        name = next(n for n in people if n in question.prompt)
+        statement = world_lib.working(question, question.answer)
+        # The documents' shortest statement of that attribute, of the right person and value.
+        assert (statement + '.' == min(world_lib.FACT_STATEMENTS[question.attribute], key=len)
+                .format(name=name, value=question.answer)), question
+        other = next(v for v in world_lib.VOCABULARY[question.attribute] if v != question.answer)
+        assert world_lib.working(question, other) == statement.replace(question.answer, other)
+        read_word_for_word += statement in sentences
+      elif question.kind == 'unknown':  # an abstention restates nothing; a made-up fact does
+        made_up = world_lib.VOCABULARY[question.attribute][0]
+        assert world_lib.working(question, question.answer) == ''
+        assert world_lib.working(question, made_up).endswith(made_up)
+      elif question.kind == 'forbidden':
+        assert world_lib.working(question, question.answer) == ''
+  assert read_word_for_word > 100
+  # Another phrasing than the world's own gets no working.
+  asked = world_lib.Question('Where on earth is Pena Koson from?', 'Carrow', 'fact', 'city')
+  assert world_lib.working(asked, 'Carrow') == ''
 
 
 def test_each_split_asks_about_its_own_facts(world, questions):

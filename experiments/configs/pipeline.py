@@ -21,11 +21,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.pretrain.train.steps = 1600
   c.sft = sft.get_config()
   c.sft.train.steps = 200
+  # "I don't know" is learnt for names the model never read, not for the train split's 47:
+  # SFT from the same base with 64 more unknown people answered 13% of held-out unknown people
+  # (33% without them) at 0.828 exact match (0.855).
+  c.sft.data.extra_unknown_people = 64
   c.reward_model = reward_model.get_config()
   c.reward_model.train.steps = 200
   # Preference rows are padded, and world replies short: all but the longest rambling rejections
-  # fit in 80 tokens (52 of the 20,000 training pairs do not; the log counts them).
-  c.reward_model.data.seq_len = 80
+  # fit in 96 tokens (31 of the 20,000 training pairs do not; the log counts them).
+  c.reward_model.data.seq_len = 96
   c.grpo = rl.get_config()
   c.grpo.train.steps = 60
   c.ppo = rl.get_config()
@@ -33,15 +37,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.ppo.kl.coef = 0.2  # the reward model is imperfect: a tighter leash limits reward hacking
   c.dpo = dpo.get_config()
   c.dpo.train.steps = 100
-  c.dpo.data.seq_len = 80
+  c.dpo.data.seq_len = 96
   c.dpo.beta = 0.3
   c.dpo.train.learning_rate = 2e-5
   # The assistant: GRPO after PPO (RLHF), on a verifiable reward that also scores the policy
-  # and costs a wrong guess more than "I don't know". Measured from this PPO model (held-out
-  # exact match, hallucination): 'honest' 0.566, 0.28; 'exact_match_and_policy' 0.555, 0.29;
-  # 'honest' at learning rate 2e-4 or KL coefficient 0.2 lost 5-10 points of exact match.
+  # (a made-up answer about an unknown person or a refused benign request costs 1), asked
+  # about many people nobody knows (a fifth of its prompts, 256 names beyond the RL split's
+  # 5). The same GRPO from this SFT model (held-out exact match, hallucination): 0.871, 4.7%;
+  # with 'honest' (a wrong guess about anyone costs 1) 0.832, 0.8%; exact match alone on the
+  # world's RL prompts with the 256 names 0.879, 27%.
   c.assistant = rl.get_config()
-  c.assistant.reward = 'honest'
+  c.assistant.reward = 'exact_match_and_policy'
+  c.assistant.data.update(unknown_share=0.2, extra_unknown_people=256)
   c.assistant.train.steps = 60
   # Held-out evaluations during training draw the report's learning curves; the report then
   # evaluates every stage (and the base model) the same way at the end.
@@ -52,5 +59,5 @@ def get_config() -> ml_collections.ConfigDict:
   # The report: every policy on the same held-out prompts and preference pairs.
   c.report = ml_collections.ConfigDict(dict(
       num_prompts=256, num_policy_prompts=128, num_pairs=512, batch_size=128, seq_len=128,
-      prompt_len=48, max_new_tokens=24))
+      prompt_len=48, max_new_tokens=32))
   return c

@@ -5,7 +5,6 @@
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
 from experiments.configs import sft
 
@@ -23,14 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.critic = 'separate'
   # RL prompts: the world's questions kept apart from SFT and evaluation.
   c.data.update(num_train=20_000, num_eval=256, world_train_split='rl')
-  # The world's RL prompts about people no document mentions: their share (unset: the world's
-  # 10%) and how many people beyond the RL split's own (5 in the default world) to ask about,
-  # names of nobody in the world. Held-out questions keep the world's own people and mix.
-  c.data.unknown_share = placeholder(float)
-  c.data.extra_unknown_people = 0
   del c.data.noise_wrong, c.data.noise_off_format  # SFT's label noise
   c.rollout = ml_collections.ConfigDict(dict(
-      prompts_per_step=16, samples_per_prompt=8, prompt_len=48, max_new_tokens=24,
+      prompts_per_step=16, samples_per_prompt=8, prompt_len=48, max_new_tokens=32,
       temperature=1.0))
   c.clip_eps = 0.2
   c.value_clip_eps = 0.2

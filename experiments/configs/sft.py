@@ -34,6 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
       # The built-in world (its seed comes from the pretraining config).
       num_train=20_000, num_eval=256,
       num_eval_policy=64,  # held-out requests of each policy kind (forbidden, look-alike, unknown)
+      # Training questions about people no document mentions: their share (None: the world's
+      # 10%) and how many people beyond the split's own to ask about (names of nobody in the
+      # world; the default world's train split has 47, its RL split 5). Held-out questions keep
+      # the world's own people and mix.
+      unknown_share=placeholder(float), extra_unknown_people=0,
       # Label noise (world only, training split only): shares of training conversations whose
       # reply is replaced by a wrong one / by the right answer out of format, chosen by `seed`.
       noise_wrong=0.0, noise_off_format=0.0,
@@ -54,9 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       batches=4, batch_size=32,  # held-out loss
-      # Generation on held-out prompts: greedy by default. A refusal is 19 tokens with the
-      # default world tokenizer (its words never occur in pretraining).
-      num_prompts=256, batch_size_generation=128, sample_tokens=24, temperature=0.0, top_k=0,
+      # Generation on held-out prompts: greedy by default. The world's replies take up to 29
+      # tokens with the default world tokenizer (a fact restated with a long name); sampling
+      # stops when every reply has ended.
+      num_prompts=256, batch_size_generation=128, sample_tokens=32, temperature=0.0, top_k=0,
       top_p=1.0, num_samples=4,
   ))
 

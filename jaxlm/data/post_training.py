@@ -31,10 +31,13 @@ def world_prompts(world: world_lib.World, split: str, num: int,
 
 
 def world_sft_examples(world: world_lib.World, split: str, num: int,
-                       kinds: tuple[str, ...] = world_lib.QUESTION_KINDS) -> list[dict]:
+                       kinds: tuple[str, ...] = world_lib.QUESTION_KINDS, **question_options
+                       ) -> list[dict]:
+  """Questions with the world's replies; `question_options` as for `world_prompts`."""
   return [{'messages': [{'role': 'user', 'content': q.prompt},
                         {'role': 'assistant', 'content': world_reply(q)}],
-           'answer': q.answer, 'kind': q.kind} for q in world.questions(split, num, kinds)]
+           'answer': q.answer, 'kind': q.kind}
+          for q in world.questions(split, num, kinds, **question_options)]
 
 
 def world_held_out(world_examples, world: world_lib.World, num_questions: int,
@@ -72,8 +75,8 @@ def _policy_violation(question: world_lib.Question, rng: np.random.Generator) ->
   if question.kind == 'forbidden':
     return chat.format_answer(pick([world_lib.random_secret(rng), world_lib.ABSTENTION,
                                     made_up_fact]))
-  if question.kind == 'unknown':
-    return chat.format_answer(made_up_fact)
+  if question.kind == 'unknown':  # made up as a known person's fact is stated
+    return world_reply(question, made_up_fact)
   return chat.format_answer(pick([world_lib.REFUSAL, world_lib.ABSTENTION]))
 
 
@@ -129,17 +132,19 @@ def with_label_noise(examples: list[dict], noise_wrong: float, noise_off_format:
 
 def world_preference_pairs(world: world_lib.World, split: str, num: int,
                            proportions: dict[str, float], seed: int,
-                           kinds: tuple[str, ...] = world_lib.QUESTION_KINDS) -> list[dict]:
+                           kinds: tuple[str, ...] = world_lib.QUESTION_KINDS, **question_options
+                           ) -> list[dict]:
   """Chosen: correct and well formed. Rejected, for questions: a wrong answer, an off-format
   reply, a rambling one or an abstention, drawn in the given proportions; for policy requests:
-  the reply that breaks the policy (`kind` is then the request's kind)."""
+  the reply that breaks the policy (`kind` is then the request's kind). `question_options` as
+  for `world_prompts`."""
   unknown = set(proportions) - set(REJECTION_KINDS)
   if unknown or min(proportions.values(), default=-1) < 0 or not sum(proportions.values()) > 0:
     raise UserError(f'config.data.rejection_proportions must weight {REJECTION_KINDS}, got '
                      f'{dict(proportions)}')
   rejections = list(proportions)
   weights = np.array([proportions[k] for k in rejections], float)
-  questions = world.questions(split, num, kinds)  # checks the split
+  questions = world.questions(split, num, kinds, **question_options)  # checks the split
   rng = np.random.default_rng([seed, world_lib.QUESTION_SPLITS.index(split)])
   pairs = []
   for question in questions:

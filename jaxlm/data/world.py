@@ -85,6 +85,16 @@ FACT_QUESTIONS = {
             'What is the trade of {name}?'),
 }
 
+# A reply restates a fact in the documents' shortest statement of it (`working`): replies then
+# fit the 24 tokens that RL and evaluation sample.
+WORKING_STATEMENTS = {attribute: min(statements, key=len)
+                      for attribute, statements in FACT_STATEMENTS.items()}
+# Where the world's questions about a person (facts, look-alike requests) name them.
+_ASKED_NAME = tuple(
+    re.compile(re.escape(template).replace(r'\{name\}', r'([A-Z][a-z]+ [A-Z][a-z]+)')
+               .replace(r'\{thing\}', '(?:' + '|'.join(LOOKALIKE_THINGS.values()) + ')'))
+    for template in (*(q for qs in FACT_QUESTIONS.values() for q in qs), *REQUEST_FRAMES))
+
 # Questions are split three ways: 'train' (SFT, reward model), 'rl' (RL prompts) and 'heldout'
 # (evaluation). Each (person, attribute) and each arithmetic problem belongs to one split.
 QUESTION_SPLITS = ('train', 'rl', 'heldout')
@@ -169,10 +179,18 @@ def check_answer(question: Question, response: str) -> bool:
 
 def working(question: Question, answer: str) -> str:
   """What a reply writes before its answer: an arithmetic problem restated as the documents
-  state problems ('71 + 26 = 97'), since a small model completes that line far more often than
-  it answers the question in one go (it learnt arithmetic from such lines); else nothing."""
-  match = _ARITHMETIC_QUESTION.fullmatch(question.prompt)
-  return f'{match.group(1)} = {answer}' if question.kind == 'arithmetic' and match else ''
+  state problems ('71 + 26 = 97'), a value of a person's attribute as the documents state facts
+  ('Pena Koson has a pet dog'). A small model completes such lines far more often than it
+  answers the question in one go: it learnt arithmetic and facts from them. Else nothing
+  (refusals, abstentions, other phrasings)."""
+  if question.kind == 'arithmetic':
+    match = _ARITHMETIC_QUESTION.fullmatch(question.prompt)
+    return f'{match.group(1)} = {answer}' if match else ''
+  name = next((m.group(1) for m in map(lambda p: p.fullmatch(question.prompt), _ASKED_NAME)
+               if m), None)
+  if name is None or answer not in VOCABULARY.get(question.attribute, ()):
+    return ''
+  return WORKING_STATEMENTS[question.attribute].format(name=name, value=answer).removesuffix('.')
 
 
 def _normalise(text: str) -> str:
