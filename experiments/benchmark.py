@@ -11,8 +11,8 @@ which LoRA does without (its reference is the base with the adapters off). `--me
 compiles the step without running it or allocating the state, for configs larger than the host:
 bytes per device from the state's shardings and the compiled program's memory analysis.
 
-`--generate=128,48,24` times the KV-cache sampler instead: RL rollouts of 128 rows, prompts of
-up to 48 tokens, 24 new tokens each; generated tokens/s.
+`--generate=128,48,32` times the KV-cache sampler instead: RL rollouts of 128 rows, prompts of
+up to 48 tokens, 32 new tokens each; generated tokens/s.
 
 `--compare=model.scan_layers=false` (repeatable) times a second config, the first with those
 overrides, alternately with the first in one process (`--rounds` times), so that a change is
@@ -265,7 +265,7 @@ def main(argv):
     if len(_GENERATE.value) != 3 or not all(v.isdigit() and int(v) > 0
                                             for v in _GENERATE.value):
       raise UserError(f'--generate={",".join(_GENERATE.value)}: expected ROWS,PROMPT_LEN,'
-                      'MAX_NEW_TOKENS, three positive integers (such as 128,48,24)')
+                      'MAX_NEW_TOKENS, three positive integers (such as 128,48,32)')
     rows, prompt_len, max_new_tokens = (int(v) for v in _GENERATE.value)
     result = benchmark_generation(config, rows, prompt_len, max_new_tokens,
                                   _VOCAB.value or config.tokenizer.vocab_size, _ROUNDS.value)
@@ -304,6 +304,6 @@ if __name__ == '__main__':
       'alternately with the step on one fixed batch (--steps each, --rounds times).')
   _GENERATE = flags.DEFINE_list(
       'generate', [], 'ROWS,PROMPT_LEN,MAX_NEW_TOKENS: time the KV-cache sampler instead of '
-      'the train step (RL rollouts of the pipeline: 128,48,24); --rounds calls.')
+      'the train step (RL rollouts of the pipeline: 128,48,32); --rounds calls.')
   _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()
   cli.start(main)

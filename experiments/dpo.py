@@ -27,6 +27,7 @@ from jaxlm.errors import UserError
 
 def validate(config) -> None:
   configs.validate(config, {'data.source': data_lib.SOURCES})
+  post_training.world_question_options(config.data)  # checked before anything is written
   lora.check(config, dropout_allowed=False)
   if config.train.grad_accum_steps != 1:
     raise UserError('config.train.grad_accum_steps must be 1 for DPO (reference log-probs are '

@@ -61,6 +61,7 @@ def _pair_metrics(model, mesh, batches):
 
 def validate(config) -> None:
   configs.validate(config, {'data.source': data_lib.SOURCES})
+  post_training.world_question_options(config.data)  # checked before anything is written
   lora.check(config, dropout_allowed=False)
 
 

@@ -48,7 +48,7 @@ def validate(config) -> None:
   if rows % config.minibatches:
     raise UserError(f'config.rollout.prompts_per_step * samples_per_prompt ({rows}) must be '
                      f'divisible by config.minibatches ({config.minibatches})')
-  post_training.world_question_options(config.data)
+  post_training.world_question_options(config.data)  # checked before anything is written
   if config.rollout.temperature != 1.0:
     raise UserError('config.rollout.temperature must be 1.0: the importance ratios and the KL '
                      'are taken under the policy itself, which is what samples at 1.0')

@@ -34,7 +34,7 @@ def conversation_rows(tokenizer, examples, seq_len, what):
 
 def validate(config) -> None:
   configs.validate(config, {'data.source': data_lib.SOURCES})
-  post_training.world_question_options(config.data)
+  post_training.world_question_options(config.data)  # checked before anything is written
   noise = {f'config.data.{k}': config.data[k] for k in ('noise_wrong', 'noise_off_format')}
   for field, share in noise.items():
     if not 0 <= share <= 1:

@@ -272,7 +272,7 @@ def process_results(doc, results):
 
 
 def export_world_task(directory: str, world_seed: int = 0, num_questions: int = 256,
-                      max_gen_toks: int = 24) -> str:
+                      max_gen_toks: int = world_lib.REPLY_TOKENS) -> str:
   """Writes the task `jaxlm_world` into `directory`: the first `num_questions` held-out fact
   and arithmetic questions of the world of `world_seed` (those the pipeline's report and SFT's
   evaluation ask, by default as many and answered in as many tokens), its YAML and the metric.

@@ -37,7 +37,7 @@ from tests import tiny_config  # pylint: disable=wrong-import-position
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_QUESTIONS = 32
 NUM_TRAINED = 24  # of them SFT is trained on, so that exact match is neither 0 nor 1
-MAX_TOKENS = 24  # as SFT's evaluation
+MAX_TOKENS = world_lib.REPLY_TOKENS  # as SFT's evaluation
 # Log-probs computed in other shapes (padding, batch) differ by ~1e-6 a token, and the adapter
 # sums them in float32.
 TOLERANCE = dict(rtol=1e-6, atol=1e-4)

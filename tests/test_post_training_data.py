@@ -279,7 +279,12 @@ def test_chosen_replies_parse_to_the_correct_answer(world):
                                             for q in questions]
   for pair, question in zip(pairs, questions):
     assert chat.parse_answer(pair['chosen']) == question.answer
+    assert pair['chosen'] == data_lib.world_reply(question)
     assert pair['rejected'] != pair['chosen']
+  # A fact is restated as the documents state it, then answered.
+  fact = next(q for q in questions if q.kind == 'fact' and q.attribute == 'pet')
+  name = re.search(r'[A-Z][a-z]+ [A-Z][a-z]+', fact.prompt).group()
+  assert data_lib.world_reply(fact) == f'{name} has a pet {fact.answer}; Answer: {fact.answer}'
 
 
 def test_wrong_rejections_are_well_formed_and_wrong(world):
@@ -293,8 +298,9 @@ def test_wrong_rejections_are_well_formed_and_wrong(world):
       assert parsed.isdigit() and 1 <= abs(int(parsed) - int(answer)) <= 10, pair
       expression = question.prompt.removeprefix('What is ').removesuffix('?')
       assert pair['rejected'] == f'{expression} = {parsed}; Answer: {parsed}', pair
-    else:  # another value of the same attribute
+    else:  # another value of the same attribute, restated as the right one would be
       assert any(answer in v and parsed in v for v in world_lib.VOCABULARY.values()), pair
+      assert pair['rejected'] == data_lib.world_reply(question, parsed), pair
 
 
 def test_off_format_rejections_never_parse(world):
@@ -356,6 +362,13 @@ def test_policy_pairs_prefer_the_policy_and_reject_its_violation(world):
   for pair in by_kind['unknown']:  # abstain rather than make a fact up
     assert pair['chosen'] == chat.format_answer(world_lib.ABSTENTION)
     assert chat.parse_answer(pair['rejected']) in values
+  # A made-up fact about the asked attribute, stated as a known person's fact would be.
+  questions = world.questions('train', 300, world_lib.POLICY_KINDS)
+  for pair, question in zip(pairs, questions):
+    if question.kind == 'unknown':
+      made_up = chat.parse_answer(pair['rejected'])
+      assert made_up in world_lib.VOCABULARY[question.attribute], pair
+      assert pair['rejected'] == data_lib.world_reply(question, made_up), pair
 
 
 def test_preference_pairs_are_deterministic_in_the_seed(world):

@@ -34,6 +34,10 @@ def test_label_noise_corrupts_exactly_the_configured_shares_and_nothing_else():
     if i in wrong:  # in format, and the world's verdict on it is 0
       assert chat.parse_answer(reply) is not None and not chat.is_correct(reply, clean['answer'])
       assert chat.gold_reward(reply, clean) == 0
+      if clean['kind'] in ('fact', 'arithmetic'):  # worked as a right reply is: only wrong
+        question = world_lib.Question(clean['messages'][0]['content'], clean['answer'],
+                                      clean['kind'], clean['attribute'])
+        assert reply == data_lib.world_reply(question, chat.parse_answer(reply))
     elif i in off_format:  # the right answer, out of format
       assert chat.parse_answer(reply) is None and clean['answer'] in reply
     else:

@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   # is easier to exploit (held-out accuracy 76% after 25 steps, 81% after 100, 83% after 400).
   c.reward_model_steps = (25, 100, 400)
   c.reward_model = reward_model.get_config()
-  c.reward_model.data.seq_len = 80  # as in the pipeline: the longest world pair is under 80
+  c.reward_model.data.seq_len = 96  # as in the pipeline
   # The head alone: the reply-likelihood term ties the reward to the SFT model's own greedy
   # replies; with it, 40 PPO steps at 2e-4 left the proxy of held-out replies flat (0.42 ->
   # 0.41) while gold fell (0.63 -> 0.52): a drift, not an optimisation.

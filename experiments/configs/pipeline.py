@@ -11,6 +11,7 @@ from experiments.configs import reward_model
 from experiments.configs import rl
 from experiments.configs import sft
 from experiments.configs import tiny
+from jaxlm.data import world
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -59,5 +60,5 @@ def get_config() -> ml_collections.ConfigDict:
   # The report: every policy on the same held-out prompts and preference pairs.
   c.report = ml_collections.ConfigDict(dict(
       num_prompts=256, num_policy_prompts=128, num_pairs=512, batch_size=128, seq_len=128,
-      prompt_len=48, max_new_tokens=32))
+      prompt_len=48, max_new_tokens=world.REPLY_TOKENS))
   return c

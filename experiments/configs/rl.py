@@ -7,6 +7,7 @@
 import ml_collections
 
 from experiments.configs import sft
+from jaxlm.data import world
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -24,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.update(num_train=20_000, num_eval=256, world_train_split='rl')
   del c.data.noise_wrong, c.data.noise_off_format  # SFT's label noise
   c.rollout = ml_collections.ConfigDict(dict(
-      prompts_per_step=16, samples_per_prompt=8, prompt_len=48, max_new_tokens=32,
+      prompts_per_step=16, samples_per_prompt=8, prompt_len=48, max_new_tokens=world.REPLY_TOKENS,
       temperature=1.0))
   c.clip_eps = 0.2
   c.value_clip_eps = 0.2

@@ -7,6 +7,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from experiments.configs import base
+from jaxlm.data import world
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -59,11 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       batches=4, batch_size=32,  # held-out loss
-      # Generation on held-out prompts: greedy by default. The world's replies take up to 29
-      # tokens with the default world tokenizer (a fact restated with a long name); sampling
-      # stops when every reply has ended.
-      num_prompts=256, batch_size_generation=128, sample_tokens=32, temperature=0.0, top_k=0,
-      top_p=1.0, num_samples=4,
+      # Generation on held-out prompts: greedy by default; it stops when every reply has ended.
+      num_prompts=256, batch_size_generation=128, sample_tokens=world.REPLY_TOKENS,
+      temperature=0.0, top_k=0, top_p=1.0, num_samples=4,
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(

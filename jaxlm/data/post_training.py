@@ -36,7 +36,7 @@ def world_sft_examples(world: world_lib.World, split: str, num: int,
   """Questions with the world's replies; `question_options` as for `world_prompts`."""
   return [{'messages': [{'role': 'user', 'content': q.prompt},
                         {'role': 'assistant', 'content': world_reply(q)}],
-           'answer': q.answer, 'kind': q.kind}
+           'answer': q.answer, 'kind': q.kind, 'attribute': q.attribute}
           for q in world.questions(split, num, kinds, **question_options)]
 
 
@@ -120,7 +120,7 @@ def with_label_noise(examples: list[dict], noise_wrong: float, noise_off_format:
     example = examples[index]
     if corruption[index] == 'wrong':
       question = world_lib.Question(example['messages'][0]['content'], example['answer'],
-                                    example['kind'])
+                                    example['kind'], example['attribute'])
       reply = _rejected(question, 'wrong', rng)
     else:
       reply = _off_format(example['answer'], rng)
