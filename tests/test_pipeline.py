@@ -16,10 +16,10 @@ def test_the_pipeline_runs_every_stage_and_writes_the_summary(tmp_path):
   config.grpo = tiny_config.rl_config('', steps=2)
   config.ppo = tiny_config.rl_config('', steps=2, algorithm='ppo', reward='model',
                                      **{'rollout.samples_per_prompt': 1})
-  config.assistant = tiny_config.rl_config('', steps=2, reward='honest')
+  config.assistant = tiny_config.rl_config('', steps=2, reward='exact_match_and_policy')
   config.dpo = tiny_config.dpo_config('', steps=2)
   config.report.update(num_prompts=8, num_policy_prompts=4, num_pairs=8, batch_size=8,
-                       seq_len=64, prompt_len=64, max_new_tokens=8)
+                       seq_len=128, prompt_len=64, max_new_tokens=8)
   dirs = pipeline.run_stages(config, str(tmp_path))
   summary = pipeline.report(config, dirs)
   assert set(summary) == {'base', 'sft', 'reward_model', 'ppo', 'grpo', 'dpo', 'assistant'}
