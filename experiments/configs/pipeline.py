@@ -1,4 +1,4 @@
-"""The whole pipeline on the built-in world, sized for ~20 minutes on 2 CPU cores.
+"""The whole pipeline on the built-in world: 28 minutes on 2 CPU cores on a slow day.
 
 Each stage is its binary's config under its own name (`--config.sft.train.steps=400`);
 `init_workdir` and `reward_workdir` are filled in by the pipeline.
@@ -25,19 +25,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft = sft.get_config()
   c.sft.train.steps = 200
   # "I don't know" is learnt for names the model never read, not for the train split's 47:
-  # SFT from the same base with 64 more unknown people answered 13% of held-out unknown people
-  # (33% without them) at 0.828 exact match (0.855).
+  # SFT from a 1600-step base with 64 more unknown people answered 13% of held-out unknown
+  # people (33% without them) at 0.828 exact match (0.855).
   c.sft.data.extra_unknown_people = 64
   c.reward_model = reward_model.get_config()
-  # Held-out pairwise accuracy 0.999 after 100 steps, 1.000 after 200.
+  # Held-out pairwise accuracy (on a 1600-step base) 0.999 after 100 steps, 1.000 after 200.
   c.reward_model.train.steps = 100
   # Preference rows are padded, and world replies short: all but the longest rambling rejections
   # fit in 96 tokens (31 of the 20,000 training pairs do not; the log counts them).
   c.reward_model.data.seq_len = 96
   c.grpo = rl.get_config()
   # RL's learning rate is constant after warm-up, so a shorter run is the longer one's start:
-  # the 60-step GRPO and assistant read 0.875 and 0.859 held-out exact match at step 40, 0.805
-  # and 0.777 at 60. PPO read 0.805 at 40 and 0.852 at 60 and keeps its 60.
+  # on a 1600-step base the 60-step GRPO and assistant read 0.875 and 0.859 held-out exact match
+  # at step 40, 0.805 and 0.777 at 60. PPO read 0.805 at 40 and 0.852 at 60 and keeps its 60.
   c.grpo.train.steps = 40
   c.ppo = rl.get_config()
   c.ppo.update(algorithm='ppo', reward='model')
@@ -50,9 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   # The assistant: GRPO after PPO (RLHF), on a verifiable reward that also scores the policy
   # (a made-up answer about an unknown person or a refused benign request costs 1), asked
   # about many people nobody knows (a fifth of its prompts, 256 names beyond the RL split's
-  # 5). The same GRPO from this SFT model (held-out exact match, hallucination): 0.871, 4.7%;
-  # with 'honest' (a wrong guess about anyone costs 1) 0.832, 0.8%; exact match alone on the
-  # world's RL prompts with the 256 names 0.879, 27%.
+  # 5). The same GRPO from SFT on a 1600-step base (held-out exact match, hallucination):
+  # 0.871, 4.7%; with 'honest' (a wrong guess about anyone costs 1) 0.832, 0.8%; exact match
+  # alone on the world's RL prompts with the 256 names 0.879, 27%.
   c.assistant = rl.get_config()
   c.assistant.reward = 'exact_match_and_policy'
   c.assistant.data.update(unknown_share=0.2, extra_unknown_people=256)
