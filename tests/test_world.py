@@ -122,7 +122,9 @@ def _asked(world, question):
     entity, attribute, _ = _fact_source(world, question)
     return entity.name, attribute
   if question.kind == 'unknown':
-    return next(n for n in world.unknown_entities if n in question.prompt), 'unknown'
+    people = world.unknown_people('train') + world.unknown_people('rl') + world.unknown_people(
+        'heldout')
+    return next(n for n in people if n in question.prompt), 'unknown'
   name, _ = _request_source(world, question)
   return name, 'secret' if question.kind == 'forbidden' else question.attribute
 
@@ -227,7 +229,8 @@ SHORTEST_STATEMENT = {'city': '{name} lives in {value}',
 
 def test_working_restates_a_fact_as_the_documents_state_it(world, docs, questions):
   sentences = {sentence.strip() for doc in docs['train'] for sentence in doc.split('.')}
-  people = [e.name for e in world.entities] + world.unknown_entities
+  people = [e.name for e in world.entities] + world.unknown_entities + world.unknown_people(
+      'heldout')
   read_word_for_word = 0
   for split in world_lib.QUESTION_SPLITS:
     for question in questions[split]:
@@ -304,14 +307,38 @@ def test_question_kinds_come_in_the_configured_shares(world):
 
 
 def test_fresh_unknown_people_are_nobody_in_the_world_and_prefix_stable(world):
-  fresh = world.fresh_unknown_people(300)
+  fresh = {split: world.fresh_unknown_people(300, split) for split in world_lib.QUESTION_SPLITS}
   everyone = {e.name for e in world.entities} | set(world.unknown_entities)
-  assert len(set(fresh)) == 300 and everyone.isdisjoint(fresh)
-  assert world.fresh_unknown_people(40) == fresh[:40]
-  assert world_lib.World().fresh_unknown_people(300) == fresh
-  assert world.fresh_unknown_people(0) == []
+  for split, names in fresh.items():
+    assert len(set(names)) == 300 and everyone.isdisjoint(names)
+    assert world.fresh_unknown_people(40, split) == names[:40]
+    assert world_lib.World().fresh_unknown_people(300, split) == names
+  # A training split's fresh names are never a held-out one.
+  assert len(set().union(*fresh.values())) == 900
+  assert world.fresh_unknown_people(0, 'rl') == []
   with pytest.raises(ValueError, match='>= 0'):
-    world.fresh_unknown_people(-1)
+    world.fresh_unknown_people(-1, 'rl')
+
+
+def test_held_out_questions_ask_about_many_unknown_people(world):
+  own = [name for name in world.unknown_entities if name in world.unknown_people('heldout')]
+  held_out = world.unknown_people('heldout')
+  assert len(held_out) == world.config.heldout_unknown_people == 256
+  assert 0 < len(own) < 20 and held_out[:len(own)] == own
+  assert held_out[len(own):] == world.fresh_unknown_people(256 - len(own), 'heldout')
+  trained_on = (world.unknown_people('train') + world.unknown_people('rl')
+                + world.fresh_unknown_people(1000, 'train') + world.fresh_unknown_people(1000, 'rl'))
+  assert set(held_out).isdisjoint(trained_on)
+  asked = world.questions('heldout', 128, ('unknown',))
+  names = {next(name for name in held_out if name in q.prompt) for q in asked}
+  assert len(names) > 90
+  # Extras follow the held-out names already asked about.
+  more = world.questions('heldout', 2000, ('unknown',), extra_unknown_people=10)
+  assert sum(any(n in q.prompt for n in held_out) for q in more) < 2000
+  only_own = world_lib.World(world_lib.WorldConfig(heldout_unknown_people=0))
+  assert only_own.unknown_people('heldout') == own
+  with pytest.raises(ValueError, match='heldout_unknown_people'):
+    world_lib.WorldConfig(heldout_unknown_people=-1)
 
 
 def test_unknown_share_and_fresh_people_reshape_only_the_unknown_questions(world):
@@ -331,7 +358,7 @@ def test_unknown_share_and_fresh_people_reshape_only_the_unknown_questions(world
     p = share if kind == 'unknown' else _share(world, kind) * (1 - share) / (
         1 - _share(world, 'unknown'))
     assert abs(counts[kind] / n - p) < 5 * (p * (1 - p) / n) ** 0.5, (kind, counts)
-  pool = world.unknown_people('rl') + world.fresh_unknown_people(200)
+  pool = world.unknown_people('rl') + world.fresh_unknown_people(200, 'rl')
   names = collections.Counter(next(name for name in pool if name in q.prompt)
                               for q in asked if q.kind == 'unknown')
   # Drawn uniformly from the split's own people and the fresh ones; never a held-out person.

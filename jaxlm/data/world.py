@@ -7,7 +7,9 @@ know and which a tiny model can learn in minutes on a CPU. Everything here follo
 
 - known people, each with a city, colour, pet and job stated in documents, and a secret that is
   never stated anywhere;
-- unknown people who never appear in any document;
+- unknown people who never appear in any document: the world's own, and for the held-out
+  split many more fresh names (`heldout_unknown_people`), so that a hallucination rate measures
+  how a model treats strangers, not what it makes of a dozen names;
 - arithmetic on operands up to `max_operand`.
 
 A reply restates an arithmetic problem or a person's fact as the documents state it before
@@ -32,6 +34,7 @@ documents state the same facts as train documents but only held-out arithmetic.
 
 import dataclasses
 import hashlib
+import itertools
 import re
 
 import numpy as np
@@ -132,6 +135,10 @@ class WorldConfig:
   forbidden_fraction: float = 0.1
   lookalike_fraction: float = 0.2
   unknown_fraction: float = 0.1
+  # The held-out split asks about its own unknown people and then fresh held-out names, this
+  # many people in all: with the world's own alone it would be about a dozen, and a model
+  # answers or abstains for a person as a whole.
+  heldout_unknown_people: int = 256
 
   def __post_init__(self):
     if self.seed < 0:
@@ -142,6 +149,9 @@ class WorldConfig:
     if self.num_entities + self.num_unknown_entities > _NAME_CAPACITY:
       raise UserError(f'WorldConfig asks for {self.num_entities + self.num_unknown_entities} '
                        f'people but only {_NAME_CAPACITY} distinct names exist')
+    if self.heldout_unknown_people < 0:
+      raise UserError(f'WorldConfig.heldout_unknown_people must be >= 0, got '
+                       f'{self.heldout_unknown_people}')
     if self.max_operand < 1:
       raise UserError(f'WorldConfig.max_operand must be >= 1, got {self.max_operand}')
     if not 0 < self.heldout_fraction < 1:
@@ -214,7 +224,7 @@ class World:
   def __init__(self, config: WorldConfig = WorldConfig()):
     self.config = config
     rng = self._rng('entities')
-    names = _unique_names(rng, config.num_entities + config.num_unknown_entities)
+    names = list(itertools.islice(_names(rng), config.num_entities + config.num_unknown_entities))
     self.entities = [_random_entity(rng, name) for name in names[:config.num_entities]]
     self.unknown_entities = names[config.num_entities:]
     self._problems = _split_problems(config)
@@ -227,6 +237,11 @@ class World:
       self._secrets[_split_of(config, f'{entity.name}/secret')].append(entity)
     for name in self.unknown_entities:
       self._unknown[_split_of(config, f'{name}/unknown')].append(name)
+    # Fresh names already among a split's unknown people; the extras a caller asks for follow.
+    self._fresh_used = dict.fromkeys(QUESTION_SPLITS, 0)
+    self._fresh_used['heldout'] = max(
+        0, config.heldout_unknown_people - len(self._unknown['heldout']))
+    self._unknown['heldout'] += self.fresh_unknown_people(self._fresh_used['heldout'], 'heldout')
 
   def arithmetic_problems(self, split: str) -> tuple[tuple[int, str, int], ...]:
     """The (a, op, b) problems of a question split; subtraction never goes negative."""
@@ -252,7 +267,8 @@ class World:
     return self._secrets[split]
 
   def unknown_people(self, split: str) -> list[str]:
-    """The never-mentioned people asked about in `split`."""
+    """The never-mentioned people asked about in `split`: the world's own unknown people of the
+    split and, for 'heldout', fresh ones up to `WorldConfig.heldout_unknown_people`."""
     _check_split(split, QUESTION_SPLITS)
     return self._unknown[split]
 
@@ -262,7 +278,8 @@ class World:
     """Questions of one split (see the module docstring), of the given kinds in the
     proportions the config sets among them. `unknown_share` (with 'unknown' among the kinds)
     makes that share of them ask about unknown people, the other kinds keeping their proportions;
-    `extra_unknown_people` adds that many `fresh_unknown_people` to the split's own to ask about.
+    `extra_unknown_people` adds that many more fresh names of the split to its own unknown
+    people to ask about.
     """
     _check_split(split, QUESTION_SPLITS)
     if not kinds or set(kinds) - set(QUESTION_KINDS):
@@ -278,7 +295,9 @@ class World:
     weights = np.array([shares[k] for k in kinds])
     if not weights.sum() > 0:
       raise UserError(f'the world config gives no weight to the kinds {kinds}')
-    unknown_people = self._unknown[split] + self.fresh_unknown_people(extra_unknown_people)
+    used = self._fresh_used[split]
+    unknown_people = self._unknown[split] + self.fresh_unknown_people(
+        used + extra_unknown_people, split)[used:]
     if 'unknown' in kinds and not unknown_people:
       raise UserError(f'no unknown person falls in the {split!r} split; raise '
                        'WorldConfig.num_unknown_entities')
@@ -286,19 +305,23 @@ class World:
     return [self._question(kinds[rng.choice(len(kinds), p=weights / weights.sum())], split, rng,
                            unknown_people) for _ in range(num)]
 
-  def fresh_unknown_people(self, count: int) -> list[str]:
-    """`count` names of nobody in this world, known or unknown, in no split: the same names
-    for a seed, and the first k of `count` are those of k."""
+  def fresh_unknown_people(self, count: int, split: str) -> list[str]:
+    """`count` names of nobody in this world, known or unknown, whose questions belong to `split`
+    (split as the world's own unknown people are, so no training split's fresh name is ever a
+    held-out one): the same names for a seed, and the first k of `count` are those of k."""
+    _check_split(split, QUESTION_SPLITS)
     if count < 0:
       raise UserError(f'the number of fresh unknown people must be >= 0, got {count}')
-    if not count:
-      return []
     world_people = len(self.entities) + len(self.unknown_entities)
-    if world_people + count > _NAME_CAPACITY:
-      raise UserError(f'{count} fresh unknown people and the world\'s {world_people} exceed the '
-                       f'{_NAME_CAPACITY} distinct names that exist')
+    share = {'heldout': self.config.heldout_fraction, 'rl': self.config.rl_fraction}.get(
+        split, 1 - self.config.heldout_fraction - self.config.rl_fraction)
+    if world_people + count / share > _NAME_CAPACITY:
+      raise UserError(f'{count} fresh unknown people of the {split!r} split and the world\'s '
+                       f'{world_people} people exceed the {_NAME_CAPACITY} distinct names')
     # The world's names come first from this stream, so the ones after them are nobody's.
-    return _unique_names(self._rng('entities'), world_people + count)[world_people:]
+    names = itertools.islice(_names(self._rng('entities')), world_people, None)
+    in_split = (name for name in names if _split_of(self.config, f'{name}/unknown') == split)
+    return list(itertools.islice(in_split, count))
 
   def _kind_weights(self) -> dict[str, float]:
     c = self.config
@@ -352,17 +375,17 @@ def _check_split(split: str, allowed: tuple[str, ...]):
     raise UserError(f'split must be one of {allowed}, got {split!r}')
 
 
-def _unique_names(rng: np.random.Generator, count: int) -> list[str]:
-  names, seen = [], set()
-  while len(names) < count:
+def _names(rng: np.random.Generator):
+  """Distinct names, endlessly (until every name is taken)."""
+  seen = set()
+  while len(seen) < _NAME_CAPACITY:
     first = ''.join(_SYLLABLES[i] for i in rng.integers(len(_SYLLABLES), size=2))
     last = ''.join(_SYLLABLES[i] for i in rng.integers(len(_SYLLABLES), size=2))
     last += _SURNAME_ENDINGS[rng.integers(len(_SURNAME_ENDINGS))]
     name = f'{first.capitalize()} {last.capitalize()}'
     if name not in seen:
       seen.add(name)
-      names.append(name)
-  return names
+      yield name
 
 
 def _random_entity(rng: np.random.Generator, name: str) -> Entity:
