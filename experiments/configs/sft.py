@@ -36,9 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
       num_train=20_000, num_eval=256,
       num_eval_policy=64,  # held-out requests of each policy kind (forbidden, look-alike, unknown)
       # Training questions about people no document mentions: their share (None: the world's
-      # 10%) and how many people beyond the split's own to ask about (names of nobody in the
-      # world; the default world's train split has 47, its RL split 5). Held-out questions keep
-      # the world's own people and mix.
+      # 10%) and how many people beyond the split's own to ask about (fresh names of the same
+      # split; the default world's train split has 47, its RL split 5). Held-out questions keep
+      # the world's mix and its 256 held-out unknown people.
       unknown_share=placeholder(float), extra_unknown_people=0,
       # Label noise (world only, training split only): shares of training conversations whose
       # reply is replaced by a wrong one / by the right answer out of format, chosen by `seed`.
