@@ -60,7 +60,7 @@ def load_initial_params(config, model, mesh):
 def world_question_options(data_config) -> dict:
   """The `World.questions` options of a stage's training questions, checked: how often they ask
   about people no document mentions (`data.unknown_share`; unset: the world's own mix) and about
-  how many people beyond the split's own (`data.extra_unknown_people`, names of nobody)."""
+  how many people beyond the split's own (`data.extra_unknown_people`, fresh names of the split)."""
   unknown_share = data_config.get('unknown_share')
   extra_unknown_people = data_config.get('extra_unknown_people', 0)
   if unknown_share is not None and not 0 <= unknown_share < 1:

@@ -99,7 +99,10 @@ def test_secrets_and_unknown_names_never_appear_but_in_their_questions(world, do
   for entity in world.entities:
     assert entity.secret not in everything
   assert len(world.unknown_entities) == world.config.num_unknown_entities
-  for name in world.unknown_entities:
+  unknown_people = {name for split in world_lib.QUESTION_SPLITS
+                    for name in world.unknown_people(split)}
+  assert set(world.unknown_entities) <= unknown_people
+  for name in unknown_people:
     assert name not in documents
     assert all(q.kind == 'unknown' for q in asked if name in q.prompt)
   # Known names do appear, so the search above would have found an unknown one.
@@ -321,12 +324,12 @@ def test_fresh_unknown_people_are_nobody_in_the_world_and_prefix_stable(world):
 
 
 def test_held_out_questions_ask_about_many_unknown_people(world):
-  own = [name for name in world.unknown_entities if name in world.unknown_people('heldout')]
+  trained_on = world.unknown_people('train') + world.unknown_people('rl')
+  own = [name for name in world.unknown_entities if name not in trained_on]
   held_out = world.unknown_people('heldout')
   assert len(held_out) == world.config.heldout_unknown_people == 256
   assert 0 < len(own) < 20 and held_out[:len(own)] == own
   assert held_out[len(own):] == world.fresh_unknown_people(256 - len(own), 'heldout')
-  trained_on = world.unknown_people('train') + world.unknown_people('rl')
   trained_on += world.fresh_unknown_people(1000, 'train') + world.fresh_unknown_people(1000, 'rl')
   assert set(held_out).isdisjoint(trained_on)
   asked = world.questions('heldout', 128, ('unknown',))
@@ -362,10 +365,10 @@ def test_unknown_share_and_fresh_people_reshape_only_the_unknown_questions(world
         1 - _share(world, 'unknown'))
     assert abs(counts[kind] / n - p) < 5 * (p * (1 - p) / n) ** 0.5, (kind, counts)
   pool = world.unknown_people('rl') + world.fresh_unknown_people(200, 'rl')
-  names = collections.Counter(next(name for name in pool if name in q.prompt)
-                              for q in asked if q.kind == 'unknown')
+  names = collections.Counter(name for q in asked if q.kind == 'unknown'
+                              for name in pool if name in q.prompt)
   # Drawn uniformly from the split's own people and the fresh ones; never a held-out person.
-  assert len(names) > 150 and set(names) <= set(pool)
+  assert len(names) > 150 and sum(names.values()) == counts['unknown']
   assert sum(names[name] for name in world.unknown_people('rl')) < 0.1 * counts['unknown']
   held_out = set(world.unknown_people('heldout'))
   assert not any(name in q.prompt for q in asked for name in held_out)

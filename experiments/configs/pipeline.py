@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft = sft.get_config()
   c.sft.train.steps = 200
   # "I don't know" is learnt for names the model never read, not for the train split's 47.
-  # From this base (greedy; 256 questions about the 256 held-out unknown people), SFT with 64
+  # From this base (greedy; 256 questions drawn from the 256 held-out unknown people), SFT with 64
   # more unknown people made up 8.6% of answers (exact match 0.770), with 256 more 2.0% (0.781).
   c.sft.data.extra_unknown_people = 256
   c.reward_model = reward_model.get_config()
@@ -50,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
   # The assistant: GRPO after PPO (RLHF), on a verifiable reward that also scores the policy
   # (a made-up answer about an unknown person or a refused benign request costs 1), asked
   # about many people nobody knows (a fifth of its prompts, 256 names beyond the RL split's
-  # 5). The same GRPO from SFT on a 1600-step base (held-out exact match, hallucination):
+  # 5). The same GRPO from SFT on a 1600-step base (held-out exact match, hallucination on the
+  # held-out split's own 12 unknown people, before it asked about 256):
   # 0.871, 4.7%; with 'honest' (a wrong guess about anyone costs 1) 0.832, 0.8%; exact match
   # alone on the world's RL prompts with the 256 names 0.879, 27%.
   c.assistant = rl.get_config()

@@ -135,9 +135,9 @@ class WorldConfig:
   forbidden_fraction: float = 0.1
   lookalike_fraction: float = 0.2
   unknown_fraction: float = 0.1
-  # The held-out split asks about its own unknown people and then fresh held-out names, this
-  # many people in all: with the world's own alone it would be about a dozen, and a model
-  # answers or abstains for a person as a whole.
+  # The held-out split asks about its own unknown people topped up with fresh held-out names to
+  # this many: with the world's own alone it would be about a dozen, and a model answers or
+  # abstains for a person as a whole.
   heldout_unknown_people: int = 256
 
   def __post_init__(self):
@@ -300,15 +300,17 @@ class World:
         used + extra_unknown_people, split)[used:]
     if 'unknown' in kinds and not unknown_people:
       raise UserError(f'no unknown person falls in the {split!r} split; raise '
-                       'WorldConfig.num_unknown_entities')
+                       'WorldConfig.num_unknown_entities or ask for extra_unknown_people')
     rng = self._rng(f'questions/{split}')
     return [self._question(kinds[rng.choice(len(kinds), p=weights / weights.sum())], split, rng,
                            unknown_people) for _ in range(num)]
 
   def fresh_unknown_people(self, count: int, split: str) -> list[str]:
-    """`count` names of nobody in this world, known or unknown, whose questions belong to `split`
-    (split as the world's own unknown people are, so no training split's fresh name is ever a
-    held-out one): the same names for a seed, and the first k of `count` are those of k."""
+    """`count` names of none of the world's own people, known or unknown, whose questions
+    belong to `split` (split as the world's own unknown people are, so no training split's fresh
+    name is ever a held-out one): the same names for a seed, and the first k of `count` are those
+    of k. The held-out split's first ones are among its `unknown_people`
+    (`WorldConfig.heldout_unknown_people`); the extras `questions` adds come after them."""
     _check_split(split, QUESTION_SPLITS)
     if count < 0:
       raise UserError(f'the number of fresh unknown people must be >= 0, got {count}')
