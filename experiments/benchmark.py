@@ -24,6 +24,7 @@ batch (`loop_rate_over_step_rate`).
 """
 
 import json
+import resource
 import time
 
 import flax.linen as nn
@@ -128,11 +129,13 @@ def benchmark(config, steps: int, vocab_size: int, memory_only: bool = False) ->
         getattr(compiled.memory_analysis(), 'temp_size_in_bytes', 0))
     state, out = compiled(state, batch)  # warm-up
     jax.block_until_ready(out)
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     for _ in range(steps):
       state, out = compiled(state, batch)
     jax.block_until_ready(out)
     step_seconds = (time.perf_counter() - start) / steps
+    page_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     state_bytes = state_bytes_on_first_device(state)
     trained_bytes = state_bytes_on_first_device((state.params, state.opt_state))
     reference_bytes = 0 if trainable else state_bytes_on_first_device(state.params)
@@ -154,6 +157,8 @@ def benchmark(config, steps: int, vocab_size: int, memory_only: bool = False) ->
       'rl_state_bytes_per_device': state_bytes + reference_bytes,
       'compiled_temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
       'keeps_freed_memory': keeps_freed_memory,
+      'malloc_huge_pages': host_memory.maps_huge_pages(),
+      'page_faults_per_step': page_faults / steps,
       'peak_bytes_in_use': perf.peak_memory_bytes(),
       'final_loss': float(out['train/loss']),
   }

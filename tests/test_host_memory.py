@@ -1,13 +1,28 @@
 """jaxlm.host_memory: a CPU step's freed temporaries are reused, not mapped afresh each step."""
 
+import json
+import os
 import resource
+import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from jaxlm import host_memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_huge_pages = pytest.mark.skipif(
+    sys.platform != 'linux' or not host_memory._kernel_grants_huge_pages(),  # pylint: disable=protected-access
+    reason='the kernel grants no transparent huge pages')
+
+
+def _environment(**changes) -> dict:
+  """This process's environment without glibc tunables, with `changes`."""
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  return {**env, **changes}
 
 
 def _page_faults_per_call(compiled, x, calls: int = 20) -> float:
@@ -40,3 +55,56 @@ def test_a_small_step_s_temporaries_stop_faulting_a_large_one_s_go_back_to_the_k
     assert _page_faults_per_call(compiled, x) < 0.2 * temp_pages
   finally:
     host_memory.keep_freed_memory(0)
+
+
+# A freshly mapped 64 MB block each call, as glibc does by default for a large step's temporaries.
+_FAULTS_OF_A_MAPPED_BLOCK = textwrap.dedent("""
+    import resource
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((64 << 20) // 4, jnp.float32)
+    def step(x):
+      doubled = jax.lax.optimization_barrier(x * 2)
+      return jax.lax.optimization_barrier(doubled + 1).sum() + doubled.sum()
+    compiled = jax.jit(step).lower(x).compile()
+    for _ in range(5):
+      compiled(x).block_until_ready()
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+      compiled(x).block_until_ready()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 20)
+    print(compiled.memory_analysis().temp_size_in_bytes // resource.getpagesize())
+""")
+
+
+@needs_huge_pages
+def test_huge_pages_fault_a_mapped_block_in_2_mb_pieces():
+  def faults_and_pages(env):
+    done = subprocess.run([sys.executable, '-c', _FAULTS_OF_A_MAPPED_BLOCK], env=env, cwd=ROOT,
+                          capture_output=True, text=True, check=True, timeout=300)
+    return [float(line) for line in done.stdout.split()]
+
+  faults, temp_pages = faults_and_pages(_environment())
+  assert faults > 0.9 * temp_pages  # every 4 KB page
+  huge_faults, _ = faults_and_pages(
+      _environment(GLIBC_TUNABLES=f'{host_memory.HUGE_PAGES_TUNABLE}=1'))
+  assert huge_faults < 0.1 * temp_pages  # 512 pages a fault where the block is 2 MB aligned
+
+
+def _benchmark(env) -> dict:
+  done = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmark', '--config=tests/tiny_config.py',
+       '--config.train.batch_size=4', '--steps=1'], env=env, cwd=ROOT, capture_output=True,
+      text=True, check=True, timeout=300)
+  return json.loads(done.stdout[done.stdout.index('{'):])
+
+
+@needs_huge_pages
+def test_a_binary_restarts_once_with_huge_pages_and_its_own_arguments():
+  result = _benchmark(_environment())
+  assert result['malloc_huge_pages'] and result['batch_size'] == 4
+  assert not _benchmark(_environment(**{host_memory.DISABLE: '0'}))['malloc_huge_pages']
+  # A tunable the user set is theirs: no restart overrides it.
+  assert not _benchmark(_environment(
+      GLIBC_TUNABLES=f'{host_memory.HUGE_PAGES_TUNABLE}=0'))['malloc_huge_pages']
