@@ -1,5 +1,5 @@
 r"""Measures the train step of any config on random tokens: compile time, step time, tokens/s,
-MFU and memory.
+MFU, memory and page faults a step.
 
   python -m experiments.benchmark --config=experiments/configs/gpt2_124m.py \
       --config.train.batch_size=8 --steps=5
@@ -111,7 +111,8 @@ def benchmark(config, steps: int, vocab_size: int, memory_only: bool = False) ->
     summary = {'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
                'mesh': dict(mesh.shape), 'params': model_config.num_params(),
                'lora_rank': config.lora.rank if trainable else 0,
-               'batch_size': tc.batch_size, 'seq_len': seq_len}
+               'batch_size': tc.batch_size, 'seq_len': seq_len,
+               'malloc_huge_pages': host_memory.maps_huge_pages()}
     if memory_only:
       return {**summary, **memory_without_running(config, model, optimizer, trainable, mesh,
                                                   batch)}
@@ -157,7 +158,6 @@ def benchmark(config, steps: int, vocab_size: int, memory_only: bool = False) ->
       'rl_state_bytes_per_device': state_bytes + reference_bytes,
       'compiled_temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
       'keeps_freed_memory': keeps_freed_memory,
-      'malloc_huge_pages': host_memory.maps_huge_pages(),
       'page_faults_per_step': page_faults / steps,
       'peak_bytes_in_use': perf.peak_memory_bytes(),
       'final_loss': float(out['train/loss']),
