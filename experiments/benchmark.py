@@ -253,7 +253,7 @@ def compare(configs_by_name: dict, steps: int, vocab_size: int | None, rounds: i
     result[name] = {
         'step_seconds': [r['step_seconds'] for r in results],
         **{f'median_{key}': float(np.median([r[key] for r in results]))
-           for key in ('step_seconds', 'tokens_per_sec', 'mfu')},
+           for key in ('step_seconds', 'tokens_per_sec', 'mfu', 'page_faults_per_step')},
         'final_loss': results[-1]['final_loss'],
     }
   first, last = (result[name]['median_step_seconds'] for name in (list(runs)[0], list(runs)[-1]))

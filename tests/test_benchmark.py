@@ -40,6 +40,7 @@ def test_compare_alternates_the_configs_and_each_runs_as_configured():
        'accumulated': configs.overridden(config, ['train.grad_accum_steps=2'])},
       steps=2, vocab_size=None, rounds=2)
   assert [len(result[name]['step_seconds']) for name in ('whole', 'accumulated')] == [2, 2]
+  assert all(result[name]['median_page_faults_per_step'] >= 0 for name in ('whole', 'accumulated'))
   assert result['speedup'] == pytest.approx(result['whole']['median_step_seconds']
                                             / result['accumulated']['median_step_seconds'])
   assert abs(result['higher_lr']['final_loss'] - result['whole']['final_loss']) > 1e-3
