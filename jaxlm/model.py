@@ -10,7 +10,6 @@ segment, and (with a cache) has been written.
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -171,7 +170,13 @@ def attention_mask(q_pos_BxL, q_seg_BxL, k_pos_BxS, k_seg_BxS):
   return (causal & same_segment & (k_seg_BxS[:, None, :] != 0))[:, None]
 
 
-def grouped_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xLxS, scale: float):
+def heads_major(x_BxSxKxH):
+  """[B, S, K, H] <-> [B, K, S, H]: the KV cache's layout, in which each (row, head) reads its
+  keys as one [S, H] matrix."""
+  return x_BxSxKxH.transpose(0, 2, 1, 3)
+
+
+def grouped_attention(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_Bx1xLxS, scale: float):
   """Softmax attention where each of the K key/value heads serves G = N / K query heads.
 
   Heads-major: the G query heads of a key head are stacked along the query axis, so both
@@ -180,11 +185,9 @@ def grouped_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xLxS, scale: floa
   Scores and softmax are float32, as there; a fully masked row (padding) averages the values.
   """
   B, L, N, H = q_BxLxNxH.shape
-  K = k_BxSxKxH.shape[2]
+  K = k_BxKxSxH.shape[1]
   G = N // K
   q_BxKxQxH = q_BxLxNxH.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * L, H)
-  k_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3)
-  v_BxKxSxH = v_BxSxKxH.transpose(0, 2, 1, 3)
   scores_BxKxQxS = jnp.einsum('bkqh,bksh->bkqs', q_BxKxQxH, k_BxKxSxH,
                               preferred_element_type=jnp.float32) * scale
   mask_Bx1xQxS = jnp.tile(mask_Bx1xLxS, (1, 1, G, 1))
@@ -206,15 +209,13 @@ def causal_blocked_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, scal
   """
   L = q_BxLxNxH.shape[1]
   size = max(-(-L // num_blocks), 32)
-  if size >= L:
-    return grouped_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, scale)
   blocks = []
   for start in range(0, L, size):
     end = min(start + size, L)
-    blocks.append(grouped_attention(q_BxLxNxH[:, start:end], k_BxLxKxH[:, :end],
-                                    v_BxLxKxH[:, :end], mask_Bx1xLxL[:, :, start:end, :end],
-                                    scale))
-  return jnp.concatenate(blocks, axis=1)
+    blocks.append(grouped_attention(
+        q_BxLxNxH[:, start:end], heads_major(k_BxLxKxH[:, :end]), heads_major(v_BxLxKxH[:, :end]),
+        mask_Bx1xLxL[:, :, start:end, :end], scale))
+  return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
 
 
 class Attention(nn.Module):
@@ -249,10 +250,10 @@ class Attention(nn.Module):
     else:
       # Write each row's new keys at its own positions: rows may have different prompt lengths.
       rows = jnp.arange(B)[:, None]
-      keys = cache['k'].at[rows, positions_BxL].set(k_BxLxKxH.astype(cache['k'].dtype))
-      values = cache['v'].at[rows, positions_BxL].set(v_BxLxKxH.astype(cache['v'].dtype))
+      keys = cache['k'].at[rows, :, positions_BxL].set(k_BxLxKxH.astype(cache['k'].dtype))
+      values = cache['v'].at[rows, :, positions_BxL].set(v_BxLxKxH.astype(cache['v'].dtype))
       cache = {'k': keys, 'v': values}
-      S = keys.shape[1]
+      S = keys.shape[2]
       k_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
       k_seg = jnp.ones((B, S), segment_ids_BxL.dtype)  # stale slots are masked as future
     mask = attention_mask(positions_BxL, segment_ids_BxL, k_pos, k_seg)
@@ -262,6 +263,8 @@ class Attention(nn.Module):
     keys, values = keys.astype(q_BxLxNxH.dtype), values.astype(q_BxLxNxH.dtype)
     scale = c.query_scale or c.head_dim ** -0.5
     if c.attention_impl == 'cudnn':
+      if cache is not None:
+        keys, values = heads_major(keys), heads_major(values)
       out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, keys, values, mask=mask, scale=scale,
                                                  implementation='cudnn')
     elif cache is None:
@@ -315,8 +318,8 @@ class ScannedBlock(Block):
 class Transformer(nn.Module):
   """Returns logits [B, L, V] and the updated KV cache (None when called without one).
 
-  The cache is a dict of arrays `k`, `v` shaped [layers, B, max_len, kv_heads, head_dim]
-  (see `init_cache`); positions index into it.
+  The KV cache (see `init_cache`) holds keys and values [B, kv_heads, max_len, head_dim] of each
+  layer; positions index into it.
   """
   config: ModelConfig
 
@@ -358,11 +361,11 @@ class Transformer(nn.Module):
     else:
       new_cache = []
       for i, layer in enumerate(self.layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
-        x, layer_cache = layer(x, positions_BxL, segment_ids_BxL, layer_cache, c.is_local(i))
+        x, layer_cache = layer(x, positions_BxL, segment_ids_BxL,
+                               None if cache is None else cache[i], c.is_local(i))
         new_cache.append(layer_cache)
       if cache is not None:
-        cache = jax.tree.map(lambda *a: jnp.stack(a), *new_cache)
+        cache = tuple(new_cache)
     return self.final_norm(x), cache
 
   def logits(self, hidden_BxLxD):
@@ -389,9 +392,25 @@ class Transformer(nn.Module):
     return self.logits(hidden_Bx1xD)[:, 0], cache
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> dict[str, Any]:
-  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
-  return {'k': jnp.zeros(shape, DTYPES[config.dtype]), 'v': jnp.zeros(shape, DTYPES[config.dtype])}
+def init_cache(config: ModelConfig, batch_size: int, max_len: int):
+  """Zero keys and values, `k` and `v`: for scanned layers one dict of arrays [layers, B,
+  kv_heads, max_len, head_dim], else a tuple of one dict per layer of arrays [B, kv_heads,
+  max_len, head_dim]. Every array ends in [B, kv_heads, max_len, head_dim] (`CACHE_BATCH_AXIS`).
+
+  Heads-major, so that a decoding step's attention reads each row's and head's keys as one
+  matrix where they lie; and one array per unrolled layer, which a decoding loop updates in
+  place: slicing one stacked array per layer and stacking them again copied the whole cache at
+  every step (with the transposes, a third of a sampler's step on a CPU).
+  """
+  shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+  if config.scan_layers:
+    shape = (config.num_layers, *shape)
+  zeros = lambda: {'k': jnp.zeros(shape, DTYPES[config.dtype]),
+                   'v': jnp.zeros(shape, DTYPES[config.dtype])}
+  return zeros() if config.scan_layers else tuple(zeros() for _ in range(config.num_layers))
+
+
+CACHE_BATCH_AXIS = -4  # of every array of the cache
 
 
 class ScalarHeadModel(nn.Module):

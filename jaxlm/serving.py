@@ -37,10 +37,12 @@ from jaxlm.errors import UserError
 
 def _prefill(model, params, cache, logits_BxV, keys_B, slot, prompt_1xP, length, seed):
   """Fills row `slot` of the cache from one prompt; sets that row's logits and key."""
-  row_cache = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=1), cache)
+  axis = lambda a: a.ndim + model_lib.CACHE_BATCH_AXIS
+  row_cache = jax.tree.map(
+      lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=axis(a)), cache)
   logits_1xV, row_cache = sampling.prefill(model, params, prompt_1xP, length[None], row_cache)
-  cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=1),
-                       cache, row_cache)
+  cache = jax.tree.map(
+      lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=axis(a)), cache, row_cache)
   return (cache, logits_BxV.at[slot].set(logits_1xV[0]),
           keys_B.at[slot].set(jax.random.key(seed)))
 

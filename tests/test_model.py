@@ -259,17 +259,23 @@ def _attention_inputs(num_heads, num_kv_heads, seed=0):
   return q, k, v, mask
 
 
+def _grouped_attention(q, k, v, mask, scale):
+  """`grouped_attention` with keys and values in the layout of q, [B, L, heads, H]."""
+  return model_lib.grouped_attention(q, model_lib.heads_major(k), model_lib.heads_major(v), mask,
+                                     scale)
+
+
 @pytest.mark.parametrize('num_heads,num_kv_heads', [(4, 4), (4, 2), (6, 1)])
 def test_grouped_attention_matches_float64_and_jax_reference(num_heads, num_kv_heads):
   q, k, v, mask = _attention_inputs(num_heads, num_kv_heads)
   scale = 0.3
-  out = model_lib.grouped_attention(q, k, v, mask, scale)
+  out = _grouped_attention(q, k, v, mask, scale)
   # float32 against float64: a few ulps of outputs of order 1.
   np.testing.assert_allclose(out, _attention_float64(q, k, v, mask, scale), rtol=0, atol=1e-5)
 
   def loss(attention, q, k, v):
     return jnp.sum(jnp.sin(attention(q, k, v)))
-  ours = jax.grad(functools.partial(loss, lambda q, k, v: model_lib.grouped_attention(
+  ours = jax.grad(functools.partial(loss, lambda q, k, v: _grouped_attention(
       q, k, v, mask, scale)), argnums=(0, 1, 2))(q, k, v)
   reference = jax.grad(functools.partial(loss, lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, mask=mask, scale=scale)), argnums=(0, 1, 2))(q, k, v)
@@ -299,7 +305,7 @@ def test_causal_blocked_attention_matches_float64_and_one_block(num_heads, num_k
   scale = 0.3
   blocked = functools.partial(model_lib.causal_blocked_attention, mask_Bx1xLxL=mask,
                               scale=scale, num_blocks=4)
-  one_block = functools.partial(model_lib.grouped_attention, mask_Bx1xLxS=mask, scale=scale)
+  one_block = functools.partial(_grouped_attention, mask=mask, scale=scale)
   np.testing.assert_allclose(np.asarray(blocked(q, k, v))[real],
                              _attention_float64(q, k, v, mask, scale)[real], rtol=0, atol=1e-5)
 
@@ -327,8 +333,7 @@ def test_causal_query_blocks_leave_packed_logits_unchanged():
 
 def test_grouped_attention_in_bfloat16_is_close_to_float64():
   q, k, v, mask = _attention_inputs(4, 2)
-  out = model_lib.grouped_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), mask,
-                                    8 ** -0.5)
+  out = _grouped_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), mask, 8 ** -0.5)
   assert out.dtype == jnp.bfloat16
   # Inputs rounded to 8 bits (relative 2^-9) and probabilities rounded once more: outputs (values
   # of order 1) within 3e-2; a wrong mask or scale moves them by far more.
