@@ -1,4 +1,4 @@
-"""The whole pipeline on the built-in world: 28 minutes on 2 CPU cores.
+"""The whole pipeline on the built-in world: 26 minutes on 2 CPU cores.
 
 Each stage is its binary's config under its own name (`--config.sft.train.steps=400`);
 `init_workdir` and `reward_workdir` are filled in by the pipeline.
