@@ -48,6 +48,8 @@ class ModelConfig:
   remat: str = 'none'
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  # 'cudnn': cuDNN's fused attention (GPUs) for the cache-free forward; decoding against a KV cache
+  # always uses 'xla', which reads the heads-major cache without transposing it.
   attention_impl: str = 'xla'
   # The cache-free 'xla' attention splits its queries into this many blocks, each scored against
   # the keys up to its own end: most of the causal upper triangle is never computed.
@@ -262,9 +264,7 @@ class Attention(nn.Module):
       mask = mask & (in_window | jnp.logical_not(is_local))[:, None]
     keys, values = keys.astype(q_BxLxNxH.dtype), values.astype(q_BxLxNxH.dtype)
     scale = c.query_scale or c.head_dim ** -0.5
-    if c.attention_impl == 'cudnn':
-      if cache is not None:
-        keys, values = heads_major(keys), heads_major(values)
+    if c.attention_impl == 'cudnn' and cache is None:
       out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, keys, values, mask=mask, scale=scale,
                                                  implementation='cudnn')
     elif cache is None:

@@ -14,12 +14,14 @@ import flax.linen as nn
 import httpx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import openai
 import pytest
 
 from jaxlm import chat
 from jaxlm import lm
+from jaxlm import model as model_lib
 from jaxlm import sampling
 from jaxlm import server
 from jaxlm import serving
@@ -196,6 +198,40 @@ def test_a_stop_string_ends_the_reply_before_it(served):
   assert (whole['message']['content'], whole['finish_reason']) == (expected, 'stop')
   events = _events(served.post('/v1/chat/completions', {**body, 'stream': True}))
   assert ''.join(e['choices'][0]['delta']['content'] for e in events) == expected
+
+
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_slots_prefilled_one_at_a_time_decode_as_the_cache_free_forward(scan_layers):
+  """Prompts of three lengths prefilled into their slots one by one, then decoded side by side:
+  greedy tokens equal `sampling.generate`'s, and each slot's next logits the forward without a
+  cache; for scanned layers' one stacked cache and unrolled layers' one cache per layer."""
+  config = model_lib.ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4,
+                                 num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=32,
+                                 scan_layers=scan_layers)
+  model = model_lib.Transformer(config)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(
+      {'data': 1, 'fsdp': 1, 'tensor': 1, 'num_devices': 1}))
+  prompts = [[5, 9, 3], [7, 1, 2, 8, 4, 6, 30, 12, 40], [11]]
+  steps = 6
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32)))
+    params = jax.tree.map(lambda x: 3 * x, params['params'])  # replies that vary by prompt
+    decoder = serving.Decoder(model, params, mesh, num_slots=len(prompts), max_len=32, bucket=8)
+    for slot, prompt in enumerate(prompts):
+      decoder.prefill(slot, prompt, temperature=0.0, top_k=0, top_p=1.0, seed=slot)
+    decoded = np.stack([decoder.step() for _ in range(steps)], axis=1)
+    padded = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
+    for row, prompt in enumerate(prompts):
+      padded[row, :len(prompt)] = prompt
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    tokens, _ = sampling.generate(model, params, jnp.asarray(padded), jnp.asarray(lengths),
+                                  jax.random.PRNGKey(0), max_new_tokens=steps, temperature=0.0)
+    for row, prompt in enumerate(prompts):
+      np.testing.assert_array_equal(decoded[row], tokens[row, len(prompt):len(prompt) + steps])
+      sequence = jnp.asarray([prompt + decoded[row].tolist()], jnp.int32)
+      logits = model.apply({'params': params}, sequence)[0][0, -1]
+      np.testing.assert_allclose(decoder.logits_BxV[row], logits, rtol=0, atol=1e-4)
+  assert len(set(map(tuple, decoded))) == len(prompts)  # the rows' replies differ
 
 
 def test_per_row_filter_settings_equal_the_same_settings_one_row_at_a_time():
