@@ -25,7 +25,7 @@ def _save(workdir: str, params) -> None:
   checkpointer.close()
 
 
-def _mesh():
+def one_device_mesh():
   return sharding.make_mesh(ml_collections.ConfigDict(
       {'data': 1, 'fsdp': 1, 'tensor': 1, 'num_devices': 1}))
 
@@ -38,7 +38,7 @@ def random_workdir(workdir: str, tokenizer) -> str:
   configs.save(config, workdir)
   shutil.copy(tokenizer.path, os.path.join(workdir, 'tokenizer.model'))
   model = lm.load_workdir(workdir)[2]
-  with jax.set_mesh(_mesh()), nn.logical_axis_rules(sharding.RULES):
+  with jax.set_mesh(one_device_mesh()), nn.logical_axis_rules(sharding.RULES):
     params = nn.meta.unbox(jax.jit(lm.init_params_fn(model, 8))(jax.random.PRNGKey(0)))
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: x if path[-1].key == 'scale' else 2 * x, params)
@@ -52,7 +52,7 @@ def hf_workdir(workdir: str) -> str:
   lm.start_from_hf(config, workdir)
   configs.save(config, workdir)
   model = lm.load_workdir(workdir)[2]
-  mesh = _mesh()
+  mesh = one_device_mesh()
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     _save(workdir, lm.initial_params_loader(config)(lm.abstract_params(model, mesh)))
   return workdir

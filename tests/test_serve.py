@@ -14,7 +14,6 @@ import flax.linen as nn
 import httpx
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import openai
 import pytest
@@ -209,8 +208,7 @@ def test_slots_prefilled_one_at_a_time_decode_as_the_cache_free_forward(scan_lay
                                  num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=32,
                                  scan_layers=scan_layers)
   model = model_lib.Transformer(config)
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(
-      {'data': 1, 'fsdp': 1, 'tensor': 1, 'num_devices': 1}))
+  mesh = saved_models.one_device_mesh()
   prompts = [[5, 9, 3], [7, 1, 2, 8, 4, 6, 30, 12, 40], [11]]
   steps = 6
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
